@@ -1,0 +1,10 @@
+"""DVC stage `prepare`: decode the source named by `data.*`, split, write data/prepared/.
+
+Usage: python pipelines/prepare.py [overrides...]   e.g.  data=imagefolder data.path=~/images
+"""
+
+from cnnpipe.data.prepare import prepare_splits
+from cnnpipe.stage import run_stage
+
+if __name__ == "__main__":
+    run_stage("prepare", lambda cfg, root: prepare_splits(cfg, root / cfg.paths.prepared))

@@ -1,0 +1,334 @@
+"""Typed configuration: compose `conf/` with Hydra, load `params.yaml`, apply overrides, validate.
+
+DVC reads `params.yaml` (the composition of `conf/`), so stage entries start from it and apply
+Hydra-syntax overrides on top: `optim.lr=0.01` sets a key, `model=cnn_bn` swaps a whole group for
+`conf/model/cnn_bn.yaml`. This module is the only one that knows Hydra's compose API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from cnnpipe.errors import ConfigError
+
+DATA_SOURCES = ("digits", "mnist5k", "imagefolder", "mnist_idx")
+MODELS = ("cnn", "cnn_bn", "resnet_small")
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULERS = ("onecycle", "cosine", "none")
+MONITORS = ("val/acc", "val/loss", "val/f1_macro")
+PRECISIONS = ("auto", "32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+@dataclass
+class SplitConfig:
+    train: float = 0.7
+    val: float = 0.1
+    test: float = 0.2
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    path: str | None = None
+    channels: int = 1
+    image_size: int = 8
+    split: SplitConfig = field(default_factory=SplitConfig)
+    batch_size: int = 64
+
+
+@dataclass
+class AugmentConfig:
+    copies: int = 4
+    rotate: float = 10.0
+    translate: float = 0.1
+    scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    hflip: bool = False
+    brightness: float = 0.1
+    contrast: float = 0.1
+    noise_std: float = 0.02
+    erase_prob: float = 0.0
+    erase_area: list[float] = field(default_factory=lambda: [0.02, 0.1])
+    preview: int = 64
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"
+    channels: list[int] = field(default_factory=lambda: [32, 64])
+    convs_per_block: int = 2
+    hidden: list[int] = field(default_factory=lambda: [128])
+    dropout: float = 0.0
+    batch_norm: bool = False
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 0.003
+    weight_decay: float = 0.0005
+    momentum: float = 0.9
+    nesterov: bool = False
+    scheduler: str = "onecycle"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    hparams: str = "params"
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0
+    monitor: str = "val/acc"
+    monitor_mode: str = "max"
+    early_stopping_patience: int = 0
+    deterministic: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"
+    threads: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None
+    experiment: str | None = None
+    log_model: bool = True
+
+
+@dataclass
+class PathsConfig:
+    prepared: str = "data/prepared"
+    augmented: str = "data/augmented"
+    models: str = "models"
+    eval: str = "eval"
+    checkpoints: str = "checkpoints"
+
+
+@dataclass
+class Config:
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def find_project_root(start: Path | None = None) -> Path:
+    """The nearest folder at or above `start` holding conf/config.yaml (where DVC runs the stages)."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "conf" / "config.yaml").is_file():
+            return folder
+    raise ConfigError(f"no cnnpipe project (conf/config.yaml) at or above {here}")
+
+
+def compose(overrides: list[str] | None = None, conf_dir: Path | None = None) -> dict[str, Any]:
+    """Compose `conf/` with Hydra, as `dvc exp run -S` does when it writes params.yaml."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    conf_dir = (conf_dir or find_project_root() / "conf").resolve()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    except HydraException as exc:
+        raise ConfigError(f"{conf_dir}: {_first_line(str(exc))}") from None
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def load_config(
+    overrides: list[str] | None = None, root: Path | None = None, params: Path | None = None
+) -> Config:
+    """params.yaml of the project at `root`, with Hydra-syntax overrides applied, validated."""
+    root = root or find_project_root()
+    params = params or root / "params.yaml"
+    try:
+        raw = yaml.safe_load(params.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{params}: cannot read: {_first_line(str(exc))}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{params}: expected a mapping of config keys")
+    merged = apply_overrides(raw, overrides or [], root / "conf")
+    return to_config(merged, source=str(params))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], conf_dir: Path) -> dict[str, Any]:
+    """Apply `key=value` and `group=option` overrides (Hydra syntax) to a plain config dict."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    cfg = OmegaConf.create(raw)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides=list(overrides))
+    except HydraException as exc:
+        raise ConfigError(f"bad override: {_first_line(str(exc))}") from None
+    for ov in parsed:
+        key = ov.key_or_group
+        value = ov.value()
+        group_file = conf_dir / key / f"{value}.yaml"
+        if "." not in key and (conf_dir / key).is_dir():
+            if not group_file.is_file():
+                options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+                raise ConfigError(f"{key}={value}: unknown {key}; choose one of {', '.join(options)}")
+            cfg[key] = OmegaConf.create(yaml.safe_load(group_file.read_text()) or {})
+        elif ov.is_delete():
+            raise ConfigError(f"~{key}: deleting keys is not supported")
+        else:
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+    return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
+
+
+def to_config(raw: dict[str, Any], source: str = "config") -> Config:
+    """Check `raw` against the schema (unknown keys, types, missing values), then validate values."""
+    try:
+        merged: DictConfig = OmegaConf.merge(OmegaConf.structured(Config), raw)  # type: ignore[assignment]
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except MissingMandatoryValue as exc:
+        raise ConfigError(f"{exc.full_key} is required (set {exc.full_key}=...)") from None
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"{key}: {_first_line(getattr(exc, 'msg', None) or str(exc))} ({source})") from None
+    validate(cfg)
+    return cfg
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+def _check(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def validate(cfg: Config) -> None:
+    """Value rules the type system cannot express; the first violation is raised, naming its key."""
+    _check(cfg.seed >= 0, "seed", ">= 0", cfg.seed)
+    d = cfg.data
+    _check(d.name in DATA_SOURCES, "data.name", f"one of {', '.join(DATA_SOURCES)}", d.name)
+    if d.name in ("imagefolder", "mnist_idx"):
+        _check(bool(d.path), "data.path", f"a folder for data={d.name}", d.path)
+    _check(d.channels in (1, 3), "data.channels", "1 or 3", d.channels)
+    _check(4 <= d.image_size <= 1024, "data.image_size", "between 4 and 1024", d.image_size)
+    for part in ("train", "val", "test"):
+        ratio = getattr(d.split, part)
+        _check(_finite(ratio) and 0 < ratio < 1, f"data.split.{part}", "in (0, 1)", ratio)
+    total = d.split.train + d.split.val + d.split.test
+    _check(abs(total - 1) < 1e-6, "data.split", "ratios that sum to 1", round(total, 6))
+    _check(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
+
+    a = cfg.augment
+    _check(0 <= a.copies <= 100, "augment.copies", "between 0 and 100", a.copies)
+    _check(_finite(a.rotate) and 0 <= a.rotate <= 180, "augment.rotate", "in [0, 180] degrees", a.rotate)
+    _check(_finite(a.translate) and 0 <= a.translate < 1, "augment.translate", "in [0, 1)", a.translate)
+    _check(
+        len(a.scale) == 2 and all(_finite(s) and s > 0 for s in a.scale) and a.scale[0] <= a.scale[1],
+        "augment.scale", "[low, high] with 0 < low <= high", a.scale,
+    )
+    for key in ("brightness", "contrast", "noise_std"):
+        value = getattr(a, key)
+        _check(_finite(value) and 0 <= value <= 1, f"augment.{key}", "in [0, 1]", value)
+    _check(_finite(a.erase_prob) and 0 <= a.erase_prob <= 1, "augment.erase_prob", "in [0, 1]", a.erase_prob)
+    _check(
+        len(a.erase_area) == 2 and 0 < a.erase_area[0] <= a.erase_area[1] < 1,
+        "augment.erase_area", "[low, high] with 0 < low <= high < 1", a.erase_area,
+    )
+    _check(0 <= a.preview <= 1024, "augment.preview", "between 0 and 1024", a.preview)
+
+    m = cfg.model
+    _check(m.name in MODELS, "model.name", f"one of {', '.join(MODELS)}", m.name)
+    _check(len(m.channels) >= 1 and all(c >= 1 for c in m.channels), "model.channels",
+           "a non-empty list of positive widths", m.channels)
+    _check(m.convs_per_block >= 1, "model.convs_per_block", ">= 1", m.convs_per_block)
+    _check(all(h >= 1 for h in m.hidden), "model.hidden", "a list of positive widths", m.hidden)
+    _check(_finite(m.dropout) and 0 <= m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
+
+    o = cfg.optim
+    _check(o.name in OPTIMIZERS, "optim.name", f"one of {', '.join(OPTIMIZERS)}", o.name)
+    _check(_finite(o.lr) and o.lr > 0, "optim.lr", "> 0", o.lr)
+    _check(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
+    _check(_finite(o.momentum) and 0 <= o.momentum < 1, "optim.momentum", "in [0, 1)", o.momentum)
+    _check(o.scheduler in SCHEDULERS, "optim.scheduler", f"one of {', '.join(SCHEDULERS)}", o.scheduler)
+
+    t = cfg.train
+    _check(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
+    _check(t.hparams in ("params", "sweep"), "train.hparams", "params or sweep", t.hparams)
+    _check(_finite(t.label_smoothing) and 0 <= t.label_smoothing < 1, "train.label_smoothing", "in [0, 1)",
+           t.label_smoothing)
+    _check(_finite(t.grad_clip) and t.grad_clip >= 0, "train.grad_clip", ">= 0", t.grad_clip)
+    _check(t.monitor in MONITORS, "train.monitor", f"one of {', '.join(MONITORS)}", t.monitor)
+    _check(t.monitor_mode in ("min", "max"), "train.monitor_mode", "min or max", t.monitor_mode)
+    _check(t.early_stopping_patience >= 0, "train.early_stopping_patience", ">= 0", t.early_stopping_patience)
+
+    tr = cfg.trainer
+    _check(tr.accelerator in ACCELERATORS, "trainer.accelerator", f"one of {', '.join(ACCELERATORS)}",
+           tr.accelerator)
+    _check(tr.devices >= 1, "trainer.devices", ">= 1", tr.devices)
+    _check(tr.num_nodes >= 1, "trainer.num_nodes", ">= 1", tr.num_nodes)
+    _check(tr.precision in PRECISIONS, "trainer.precision", f"one of {', '.join(PRECISIONS)}", tr.precision)
+    _check(tr.threads >= 0, "trainer.threads", ">= 0", tr.threads)
+
+
+def as_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain nested dicts (for YAML artifacts)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"optim": {"lr": 0.1}}` -> `{"optim.lr": 0.1}`: MLflow param names that line up across runs."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m cnnpipe.config", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    comp = sub.add_parser("compose", help="compose conf/ (with overrides) into a params file")
+    comp.add_argument("--out", type=Path, default=None, help="write here instead of stdout")
+    comp.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    try:
+        composed = compose(args.overrides)
+        to_config(composed, source="conf/")
+    except ConfigError as exc:
+        raise SystemExit(f"cnnpipe config: error: {exc}") from None
+    text = yaml.safe_dump(composed, sort_keys=False)
+    if args.out is None:
+        print(text, end="")
+    else:
+        from cnnpipe.atomic import write_text_atomic
+
+        write_text_atomic(args.out, text)
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,1 @@
+"""Data: sources -> prepared splits -> augmented train split -> in-memory batches."""

@@ -1,0 +1,38 @@
+"""LightningDataModule over prepared splits held in memory (on the training device)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+
+from cnnpipe.data.batches import TensorBatches
+from cnnpipe.data.store import Split
+
+
+class InMemoryDataModule(pl.LightningDataModule):
+    """Train and val splits as uint8 tensors; moved to the device once, batched by indexing."""
+
+    def __init__(self, train: Split, val: Split, batch_size: int, seed: int) -> None:
+        super().__init__()
+        self.train_split, self.val_split = train, val
+        self.batch_size, self.seed = batch_size, seed
+
+    def _batches(self, split: Split, shuffle: bool) -> TensorBatches:
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        images, labels = torch.from_numpy(split.images), torch.from_numpy(split.labels)
+        # Drop a ragged last training batch only when it could be a single sample (BatchNorm needs 2).
+        drop_last = shuffle and (len(labels) // max(world, 1)) % self.batch_size == 1
+        batches = TensorBatches(images, labels, self.batch_size, shuffle=shuffle, seed=self.seed,
+                                drop_last=drop_last)
+        return batches.to(device).shard(rank, world)
+
+    def train_dataloader(self) -> TensorBatches:
+        batches = self._batches(self.train_split, shuffle=True)
+        if self.trainer is not None:
+            batches.set_epoch(self.trainer.current_epoch)
+        return batches
+
+    def val_dataloader(self) -> TensorBatches:
+        return self._batches(self.val_split, shuffle=False)

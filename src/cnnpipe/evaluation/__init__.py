@@ -1,0 +1,1 @@
+"""Test-split metrics (torchmetrics), reports and plots."""

@@ -1,0 +1,58 @@
+"""The test-split metric suite, all from torchmetrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_calibration_error,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
+
+
+@dataclass
+class TestMetrics:
+    summary: dict[str, float]  # acc, f1_macro, precision_macro, recall_macro, ece, loss
+    per_class: dict[str, list[float]]  # precision, recall, f1, support — one value per class
+    confusion: torch.Tensor  # (C, C): rows actual, columns predicted
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> TestMetrics:
+    """Micro accuracy, macro precision/recall/F1, per-class scores, confusion, 15-bin ECE, loss."""
+    c = logits.shape[1]
+    probs = logits.float().softmax(dim=1)
+    summary = {
+        "acc": multiclass_accuracy(probs, labels, c, average="micro"),
+        "f1_macro": multiclass_f1_score(probs, labels, c, average="macro"),
+        "precision_macro": multiclass_precision(probs, labels, c, average="macro"),
+        "recall_macro": multiclass_recall(probs, labels, c, average="macro"),
+        "ece": multiclass_calibration_error(probs, labels, c, n_bins=15, norm="l1"),
+        "loss": F.cross_entropy(logits.float(), labels),
+    }
+    per_class = {
+        "precision": multiclass_precision(probs, labels, c, average=None),
+        "recall": multiclass_recall(probs, labels, c, average=None),
+        "f1": multiclass_f1_score(probs, labels, c, average=None),
+        "support": torch.bincount(labels, minlength=c).float(),
+    }
+    return TestMetrics(
+        summary={k: round(float(v), 6) for k, v in summary.items()},
+        per_class={k: [round(float(x), 6) for x in v] for k, v in per_class.items()},
+        confusion=multiclass_confusion_matrix(probs, labels, c),
+    )
+
+
+@torch.no_grad()
+def predict_logits(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024,
+                   device: str | torch.device = "cpu") -> torch.Tensor:
+    """Logits for uint8 images (N, C, H, W), batched, on `device`."""
+    net = net.to(device).eval()
+    out = [net(images[i : i + batch_size].to(device).float().div_(255.0)).float().cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else torch.empty(0, 0)

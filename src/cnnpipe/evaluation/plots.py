@@ -1,0 +1,51 @@
+"""Pictures: training curves and the confusion matrix, written atomically as PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cnnpipe.atomic import atomic_path  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_curves(rows: list[dict[str, float]], path: Path) -> None:
+    """Loss and accuracy per epoch, train vs val."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [r["epoch"] + 1 for r in rows]
+    for key, ax in (("train/loss", ax_loss), ("val/loss", ax_loss), ("train/acc", ax_acc), ("val/acc", ax_acc)):
+        values = [r.get(key, np.nan) for r in rows]
+        ax.plot(epochs, values, marker=".", label=key)
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str = "test confusion matrix") -> None:
+    n = len(classes)
+    size = max(4.0, min(16.0, 0.5 * n + 2))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=90 if n > 12 else 0)
+    ax.set_yticks(range(n), classes)
+    ax.set(xlabel="predicted", ylabel="actual", title=title)
+    if n <= 30:
+        peak = matrix.max() or 1
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=8,
+                        color="white" if matrix[i, j] > peak / 2 else "black")
+    _save(fig, path)

@@ -1,0 +1,68 @@
+"""The evaluate stage: the trained model on the test split -> eval/ files + test/* in the train run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cnnpipe.atomic import write_json_atomic, write_text_atomic
+from cnnpipe.config import Config
+from cnnpipe.console import info
+from cnnpipe.data.store import load_split
+from cnnpipe.errors import DataError
+from cnnpipe.evaluation.metrics import TestMetrics, classification_metrics, predict_logits
+from cnnpipe.evaluation.plots import plot_confusion
+from cnnpipe.models.store import load_model
+from cnnpipe.tracking.runs import log_into_run
+
+
+def per_class_csv(m: TestMetrics, classes: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["class", "precision", "recall", "f1", "support"])
+    for i, name in enumerate(classes):
+        writer.writerow([name, m.per_class["precision"][i], m.per_class["recall"][i], m.per_class["f1"][i],
+                         int(m.per_class["support"][i])])
+    return buf.getvalue()
+
+
+def confusion_records(labels: torch.Tensor, preds: torch.Tensor, classes: list[str]) -> list[dict[str, str]]:
+    """One record per test sample, the shape DVC's `confusion` plot template reads."""
+    return [{"actual": classes[a], "predicted": classes[p]} for a, p in zip(labels.tolist(), preds.tolist(), strict=True)]
+
+
+def run_evaluation(cfg: Config, root: Path) -> dict[str, Any]:
+    models_dir, out = root / cfg.paths.models, root / cfg.paths.eval
+    net, spec = load_model(models_dir)
+    test = load_split(root / cfg.paths.prepared / "test.npz")
+    classes = spec["classes"]
+    if list(test.images.shape[1:]) != list(spec["in_shape"]):
+        raise DataError(f"{root / cfg.paths.prepared / 'test.npz'}: images of shape {list(test.images.shape[1:])} "
+                        f"do not fit the model's input {spec['in_shape']}; re-run `dvc repro`")
+    device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
+    labels = torch.from_numpy(test.labels)
+    logits = predict_logits(net, torch.from_numpy(test.images), device=device)
+    m = classification_metrics(logits, labels)
+
+    write_json_atomic(out / "metrics.json", {"test": m.summary})
+    write_json_atomic(out / "confusion.json", confusion_records(labels, logits.argmax(1), classes))
+    write_text_atomic(out / "per_class.csv", per_class_csv(m, classes))
+    plot_confusion(m.confusion.numpy(), classes, out / "confusion.png")
+
+    run_file = models_dir / "run.json"
+    if run_file.is_file():
+        run_id = json.loads(run_file.read_text())["run_id"]
+        run = log_into_run(cfg.tracking.uri, root, run_id)
+        run.log_metrics({f"test/{k}": v for k, v in m.summary.items()}, step=0)
+        run.log_metrics({f"test/f1/{c}": v for c, v in zip(classes, m.per_class["f1"], strict=True)}, step=0)
+        for name in ("metrics.json", "per_class.csv", "confusion.png", "confusion.json"):
+            run.log_artifact(out / name, "eval")
+        run.set_tags({"cnnpipe.evaluated": "true"})
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in m.summary.items())
+    info("evaluate", f"test ({len(labels)} images): {shown}")
+    return m.summary

@@ -1,0 +1,1 @@
+"""CNN families and the factory that builds them from config + data shape."""

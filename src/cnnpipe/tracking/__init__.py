@@ -1,0 +1,2 @@
+"""Everything MLflow: URI resolution, run lifecycle, tags, metrics, model logging. The only package
+that imports mlflow."""

@@ -1,0 +1,1 @@
+"""LightningModule, Trainer factory, callbacks, and the train stage."""

@@ -1,0 +1,83 @@
+"""The train stage: fit on augmented train + val, save the model, log everything to one MLflow run."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from cnnpipe.atomic import write_json_atomic, write_text_atomic
+from cnnpipe.config import Config, as_dict, flatten
+from cnnpipe.console import info
+from cnnpipe.data.store import load_meta, load_split
+from cnnpipe.evaluation.plots import plot_curves
+from cnnpipe.models.store import save_model
+from cnnpipe.tracking.model_logging import log_torch_model
+from cnnpipe.tracking.runs import tracked_run
+from cnnpipe.tracking.tags import run_tags
+from cnnpipe.tracking.uri import mask_secrets
+from cnnpipe.training.fit import fit
+
+HISTORY_COLUMNS = ("epoch", "train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro", "lr")
+
+
+def experiment_name(cfg: Config) -> str:
+    return cfg.tracking.experiment or f"cnnpipe-{cfg.data.name}"
+
+
+def file_digest(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def history_csv(rows: list[dict[str, float]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (int(row[k]) if k == "epoch" else round(row[k], 6)) for k in HISTORY_COLUMNS if k in row})
+    return buf.getvalue()
+
+
+def run_training(cfg: Config, root: Path) -> dict[str, Any]:
+    prepared, augmented = root / cfg.paths.prepared, root / cfg.paths.augmented
+    meta = load_meta(prepared)
+    train_file, val_file = augmented / "train.npz", prepared / "val.npz"
+    train, val = load_split(train_file), load_split(val_file)
+    out = root / cfg.paths.models
+    tags = run_tags(root, "train", cfg.data.name, file_digest(train_file, val_file))
+    info("train", f"{len(train.labels)} train / {len(val.labels)} val images, model {cfg.model.name}, "
+                  f"{cfg.train.epochs} epochs")
+    with tracked_run(cfg.tracking.uri, root, experiment_name(cfg), f"train-{cfg.model.name}", tags) as run:
+        info("train", f"MLflow run {run.run_id} in {mask_secrets(run.uri)}")
+        run.log_params(flatten(as_dict(cfg)))
+        run.log_params({"data.num_train": len(train.labels), "data.num_val": len(val.labels),
+                        "data.num_classes": meta["num_classes"]})
+        result = fit(cfg, meta, train, val, root / cfg.paths.checkpoints, sinks=[run.log_metrics])
+
+        save_model(out, result.net, result.spec)
+        write_text_atomic(out / "history.csv", history_csv(result.history))
+        plot_curves(result.history, out / "curves.png")
+        write_text_atomic(out / "config.yaml", yaml.safe_dump(as_dict(cfg), sort_keys=False))
+        for name in ("curves.png", "history.csv", "config.yaml", "model.json"):
+            run.log_artifact(out / name)
+        if result.best_score is not None:
+            run.log_metrics({f"best/{cfg.train.monitor}": result.best_score}, step=result.best_epoch or 0)
+        if cfg.tracking.log_model:
+            example = (train.images[:2].astype(np.float32) / 255.0)
+            log_torch_model(result.net, example)
+        summary = {"run_id": run.run_id, "experiment": experiment_name(cfg),
+                   "tracking_uri": mask_secrets(run.uri), "best_epoch": result.best_epoch,
+                   "best_score": result.best_score, "monitor": cfg.train.monitor}
+        write_json_atomic(out / "run.json", summary)
+    info("train", f"best {cfg.train.monitor} {result.best_score} at epoch {(result.best_epoch or 0) + 1}")
+    return summary

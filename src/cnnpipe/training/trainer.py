@@ -1,0 +1,55 @@
+"""Build the Lightning Trainer from config: no Lightning logger (MLflow is logged per epoch by our
+callback), no per-step progress bar, no distributed sampler (our in-memory batches shard themselves)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+
+from cnnpipe.config import Config
+
+
+def resolve_precision(cfg: Config) -> str:
+    """auto: bf16 mixed precision on a CUDA GPU that supports it, full fp32 elsewhere."""
+    if cfg.trainer.precision != "auto":
+        return cfg.trainer.precision
+    wants_gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    if wants_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def checkpoint_callback(cfg: Config, ckpt_dir: Path) -> ModelCheckpoint:
+    return ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.train.monitor,
+                           mode=cfg.train.monitor_mode, save_top_k=1, save_last=True,
+                           auto_insert_metric_name=False, enable_version_counter=False)
+
+
+def build_trainer(cfg: Config, callbacks: list[Callback], max_epochs: int | None = None,
+                  root_dir: Path | None = None) -> pl.Trainer:
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    callbacks = list(callbacks)
+    if cfg.train.early_stopping_patience:
+        callbacks.append(EarlyStopping(monitor=cfg.train.monitor, mode=cfg.train.monitor_mode,
+                                       patience=cfg.train.early_stopping_patience))
+    return pl.Trainer(
+        max_epochs=max_epochs or cfg.train.epochs,
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+        precision=resolve_precision(cfg),  # type: ignore[arg-type]
+        deterministic=cfg.train.deterministic,
+        gradient_clip_val=cfg.train.grad_clip or None,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        default_root_dir=str(root_dir) if root_dir else None,
+    )
