@@ -155,9 +155,7 @@ def compose(overrides: list[str] | None = None, conf_dir: Path | None = None) ->
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-def load_config(
-    overrides: list[str] | None = None, root: Path | None = None, params: Path | None = None
-) -> Config:
+def load_config(overrides: list[str] | None = None, root: Path | None = None, params: Path | None = None) -> Config:
     """params.yaml of the project at `root`, with Hydra-syntax overrides applied, validated."""
     root = root or find_project_root()
     params = params or root / "params.yaml"
@@ -246,7 +244,9 @@ def validate(cfg: Config) -> None:
     _check(_finite(a.translate) and 0 <= a.translate < 1, "augment.translate", "in [0, 1)", a.translate)
     _check(
         len(a.scale) == 2 and all(_finite(s) and s > 0 for s in a.scale) and a.scale[0] <= a.scale[1],
-        "augment.scale", "[low, high] with 0 < low <= high", a.scale,
+        "augment.scale",
+        "[low, high] with 0 < low <= high",
+        a.scale,
     )
     for key in ("brightness", "contrast", "noise_std"):
         value = getattr(a, key)
@@ -254,14 +254,20 @@ def validate(cfg: Config) -> None:
     _check(_finite(a.erase_prob) and 0 <= a.erase_prob <= 1, "augment.erase_prob", "in [0, 1]", a.erase_prob)
     _check(
         len(a.erase_area) == 2 and 0 < a.erase_area[0] <= a.erase_area[1] < 1,
-        "augment.erase_area", "[low, high] with 0 < low <= high < 1", a.erase_area,
+        "augment.erase_area",
+        "[low, high] with 0 < low <= high < 1",
+        a.erase_area,
     )
     _check(0 <= a.preview <= 1024, "augment.preview", "between 0 and 1024", a.preview)
 
     m = cfg.model
     _check(m.name in MODELS, "model.name", f"one of {', '.join(MODELS)}", m.name)
-    _check(len(m.channels) >= 1 and all(c >= 1 for c in m.channels), "model.channels",
-           "a non-empty list of positive widths", m.channels)
+    _check(
+        len(m.channels) >= 1 and all(c >= 1 for c in m.channels),
+        "model.channels",
+        "a non-empty list of positive widths",
+        m.channels,
+    )
     _check(m.convs_per_block >= 1, "model.convs_per_block", ">= 1", m.convs_per_block)
     _check(all(h >= 1 for h in m.hidden), "model.hidden", "a list of positive widths", m.hidden)
     _check(_finite(m.dropout) and 0 <= m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
@@ -276,16 +282,24 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     _check(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
     _check(t.hparams in ("params", "sweep"), "train.hparams", "params or sweep", t.hparams)
-    _check(_finite(t.label_smoothing) and 0 <= t.label_smoothing < 1, "train.label_smoothing", "in [0, 1)",
-           t.label_smoothing)
+    _check(
+        _finite(t.label_smoothing) and 0 <= t.label_smoothing < 1,
+        "train.label_smoothing",
+        "in [0, 1)",
+        t.label_smoothing,
+    )
     _check(_finite(t.grad_clip) and t.grad_clip >= 0, "train.grad_clip", ">= 0", t.grad_clip)
     _check(t.monitor in MONITORS, "train.monitor", f"one of {', '.join(MONITORS)}", t.monitor)
     _check(t.monitor_mode in ("min", "max"), "train.monitor_mode", "min or max", t.monitor_mode)
     _check(t.early_stopping_patience >= 0, "train.early_stopping_patience", ">= 0", t.early_stopping_patience)
 
     tr = cfg.trainer
-    _check(tr.accelerator in ACCELERATORS, "trainer.accelerator", f"one of {', '.join(ACCELERATORS)}",
-           tr.accelerator)
+    _check(
+        tr.accelerator in ACCELERATORS,
+        "trainer.accelerator",
+        f"one of {', '.join(ACCELERATORS)}",
+        tr.accelerator,
+    )
     _check(tr.devices >= 1, "trainer.devices", ">= 1", tr.devices)
     _check(tr.num_nodes >= 1, "trainer.num_nodes", ">= 1", tr.num_nodes)
     _check(tr.precision in PRECISIONS, "trainer.precision", f"one of {', '.join(PRECISIONS)}", tr.precision)

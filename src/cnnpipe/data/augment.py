@@ -19,8 +19,9 @@ def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, device: torch.d
     return lo + (hi - lo) * torch.rand(n, generator=gen, device=device)
 
 
-def random_affine(x: torch.Tensor, rotate: float, translate: float, scale: tuple[float, float],
-                  gen: torch.Generator) -> torch.Tensor:
+def random_affine(
+    x: torch.Tensor, rotate: float, translate: float, scale: tuple[float, float], gen: torch.Generator
+) -> torch.Tensor:
     """Rotate by ±rotate degrees, shift by ±translate of the size, zoom in [scale]; zero fill."""
     n = x.shape[0]
     angle = torch.deg2rad(_uniform(n, -rotate, rotate, gen, x.device))
@@ -63,8 +64,12 @@ def random_erase(x: torch.Tensor, prob: float, area: tuple[float, float], gen: t
     left = (torch.rand(n, generator=gen, device=dev) * (w - ew + 1)).floor()
     rows = torch.arange(h, device=dev).view(1, h, 1)
     cols = torch.arange(w, device=dev).view(1, 1, w)
-    inside = ((rows >= top.view(-1, 1, 1)) & (rows < (top + eh).view(-1, 1, 1))
-              & (cols >= left.view(-1, 1, 1)) & (cols < (left + ew).view(-1, 1, 1)))
+    inside = (
+        (rows >= top.view(-1, 1, 1))
+        & (rows < (top + eh).view(-1, 1, 1))
+        & (cols >= left.view(-1, 1, 1))
+        & (cols < (left + ew).view(-1, 1, 1))
+    )
     apply = (torch.rand(n, generator=gen, device=dev) < prob).view(-1, 1, 1)
     return x.masked_fill((inside & apply).unsqueeze(1), 0.0)
 
@@ -92,8 +97,14 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def augment_copies(images: np.ndarray, labels: np.ndarray, cfg: AugmentConfig, seed: int,
-                   chunk: int = 8192, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def augment_copies(
+    images: np.ndarray,
+    labels: np.ndarray,
+    cfg: AugmentConfig,
+    seed: int,
+    chunk: int = 8192,
+    device: str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
     """The original images followed by `cfg.copies` augmented copies (uint8), in chunks of `chunk`."""
     gen = torch.Generator(device=device).manual_seed(seed)
     src = torch.from_numpy(images).to(device)

@@ -37,8 +37,11 @@ def write_augmented(cfg: Config, root: Path) -> int:
         save_split(tmp / "train.npz", Split(images, labels))
         if cfg.augment.preview:
             # Augmented samples (the copies) when there are any, else the originals.
-            pool = images[len(src.labels):] if cfg.augment.copies else images
+            pool = images[len(src.labels) :] if cfg.augment.copies else images
             with atomic_path(tmp / "preview.png") as png:
                 image_grid(pool[: cfg.augment.preview]).save(png, format="PNG")
-    info("augment", f"{len(src.labels)} originals + {cfg.augment.copies} augmented copies = {len(labels)} images")
+    info(
+        "augment",
+        f"{len(src.labels)} originals + {cfg.augment.copies} augmented copies = {len(labels)} images",
+    )
     return len(labels)

@@ -24,8 +24,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         images, labels = torch.from_numpy(split.images), torch.from_numpy(split.labels)
         # Drop a ragged last training batch only when it could be a single sample (BatchNorm needs 2).
         drop_last = shuffle and (len(labels) // max(world, 1)) % self.batch_size == 1
-        batches = TensorBatches(images, labels, self.batch_size, shuffle=shuffle, seed=self.seed,
-                                drop_last=drop_last)
+        batches = TensorBatches(images, labels, self.batch_size, shuffle=shuffle, seed=self.seed, drop_last=drop_last)
         return batches.to(device).shard(rank, world)
 
     def train_dataloader(self) -> TensorBatches:

@@ -26,7 +26,7 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 def build_meta(cfg: Config, raw: RawData, splits: dict[str, np.ndarray]) -> dict[str, Any]:
     mean, std = channel_stats(raw.images[splits["train"]])
     counts = {
-        s: {"total": int(len(idx)), "per_class": np.bincount(raw.labels[idx], minlength=len(raw.classes)).tolist()}
+        s: {"total": len(idx), "per_class": np.bincount(raw.labels[idx], minlength=len(raw.classes)).tolist()}
         for s, idx in splits.items()
     }
     return {

@@ -56,8 +56,11 @@ def load_digits_source(cfg: DataConfig) -> RawData:
 
     bunch = load_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
-    return RawData(fit_images(images, cfg.channels, cfg.image_size), bunch.target.astype(np.int64),
-                   [str(c) for c in range(10)])
+    return RawData(
+        fit_images(images, cfg.channels, cfg.image_size),
+        bunch.target.astype(np.int64),
+        [str(c) for c in range(10)],
+    )
 
 
 def load_mnist5k_source(cfg: DataConfig) -> RawData:
@@ -65,8 +68,7 @@ def load_mnist5k_source(cfg: DataConfig) -> RawData:
 
     x, y = mnist_data()
     images = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
-    return RawData(fit_images(images, cfg.channels, cfg.image_size), y.astype(np.int64),
-                   [str(c) for c in range(10)])
+    return RawData(fit_images(images, cfg.channels, cfg.image_size), y.astype(np.int64), [str(c) for c in range(10)])
 
 
 def _find_idx(folder: Path, prefix: str) -> Path:

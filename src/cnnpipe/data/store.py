@@ -20,8 +20,11 @@ class Split:
 
 def save_split(path: Path, split: Split) -> None:
     with open(path, "wb") as fh:
-        np.savez(fh, images=np.ascontiguousarray(split.images, dtype=np.uint8),
-                 labels=split.labels.astype(np.int64))
+        np.savez(
+            fh,
+            images=np.ascontiguousarray(split.images, dtype=np.uint8),
+            labels=split.labels.astype(np.int64),
+        )
 
 
 def load_split(path: Path) -> Split:

@@ -49,10 +49,13 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> TestMe
 
 
 @torch.no_grad()
-def predict_logits(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024,
-                   device: str | torch.device = "cpu") -> torch.Tensor:
+def predict_logits(
+    net: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024, device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """Logits for uint8 images (N, C, H, W), batched, on `device`."""
     net = net.to(device).eval()
-    out = [net(images[i : i + batch_size].to(device).float().div_(255.0)).float().cpu()
-           for i in range(0, len(images), batch_size)]
+    out = [
+        net(images[i : i + batch_size].to(device).float().div_(255.0)).float().cpu()
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(out) if out else torch.empty(0, 0)

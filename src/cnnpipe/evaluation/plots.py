@@ -7,10 +7,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from cnnpipe.atomic import atomic_path  # noqa: E402
+from cnnpipe.atomic import atomic_path
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -23,7 +23,12 @@ def plot_curves(rows: list[dict[str, float]], path: Path) -> None:
     """Loss and accuracy per epoch, train vs val."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [r["epoch"] + 1 for r in rows]
-    for key, ax in (("train/loss", ax_loss), ("val/loss", ax_loss), ("train/acc", ax_acc), ("val/acc", ax_acc)):
+    for key, ax in (
+        ("train/loss", ax_loss),
+        ("val/loss", ax_loss),
+        ("train/acc", ax_acc),
+        ("val/acc", ax_acc),
+    ):
         values = [r.get(key, np.nan) for r in rows]
         ax.plot(epochs, values, marker=".", label=key)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
@@ -46,6 +51,13 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: st
         peak = matrix.max() or 1
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=8,
-                        color="white" if matrix[i, j] > peak / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(int(matrix[i, j])),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if matrix[i, j] > peak / 2 else "black",
+                )
     _save(fig, path)

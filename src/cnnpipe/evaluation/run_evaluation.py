@@ -26,14 +26,23 @@ def per_class_csv(m: TestMetrics, classes: list[str]) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["class", "precision", "recall", "f1", "support"])
     for i, name in enumerate(classes):
-        writer.writerow([name, m.per_class["precision"][i], m.per_class["recall"][i], m.per_class["f1"][i],
-                         int(m.per_class["support"][i])])
+        writer.writerow(
+            [
+                name,
+                m.per_class["precision"][i],
+                m.per_class["recall"][i],
+                m.per_class["f1"][i],
+                int(m.per_class["support"][i]),
+            ]
+        )
     return buf.getvalue()
 
 
 def confusion_records(labels: torch.Tensor, preds: torch.Tensor, classes: list[str]) -> list[dict[str, str]]:
     """One record per test sample, the shape DVC's `confusion` plot template reads."""
-    return [{"actual": classes[a], "predicted": classes[p]} for a, p in zip(labels.tolist(), preds.tolist(), strict=True)]
+    return [
+        {"actual": classes[a], "predicted": classes[p]} for a, p in zip(labels.tolist(), preds.tolist(), strict=True)
+    ]
 
 
 def run_evaluation(cfg: Config, root: Path) -> dict[str, Any]:
@@ -42,8 +51,10 @@ def run_evaluation(cfg: Config, root: Path) -> dict[str, Any]:
     test = load_split(root / cfg.paths.prepared / "test.npz")
     classes = spec["classes"]
     if list(test.images.shape[1:]) != list(spec["in_shape"]):
-        raise DataError(f"{root / cfg.paths.prepared / 'test.npz'}: images of shape {list(test.images.shape[1:])} "
-                        f"do not fit the model's input {spec['in_shape']}; re-run `dvc repro`")
+        raise DataError(
+            f"{root / cfg.paths.prepared / 'test.npz'}: images of shape {list(test.images.shape[1:])} "
+            f"do not fit the model's input {spec['in_shape']}; re-run `dvc repro`"
+        )
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
     labels = torch.from_numpy(test.labels)
     logits = predict_logits(net, torch.from_numpy(test.images), device=device)

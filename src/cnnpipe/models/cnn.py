@@ -11,9 +11,18 @@ from cnnpipe.models.layers import Normalize, mlp_head
 class ClassicCNN(nn.Module):
     """Logits out; softmax is applied by the loss in training and by `predict_proba` at inference."""
 
-    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, channels: list[int],
-                 convs_per_block: int, hidden: list[int], dropout: float, batch_norm: bool,
-                 mean: list[float], std: list[float]) -> None:
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        num_classes: int,
+        channels: list[int],
+        convs_per_block: int,
+        hidden: list[int],
+        dropout: float,
+        batch_norm: bool,
+        mean: list[float],
+        std: list[float],
+    ) -> None:
         super().__init__()
         c, h, w = in_shape
         self.normalize = Normalize(mean, std)

@@ -31,9 +31,26 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     in_shape = tuple(spec["in_shape"])
     num_classes = len(spec["classes"])
     if m.name in ("cnn", "cnn_bn"):
-        return ClassicCNN(in_shape, num_classes, m.channels, m.convs_per_block, m.hidden, m.dropout,  # type: ignore[arg-type]
-                          m.batch_norm, spec["mean"], spec["std"])
+        return ClassicCNN(
+            in_shape,
+            num_classes,
+            m.channels,
+            m.convs_per_block,
+            m.hidden,
+            m.dropout,  # type: ignore[arg-type]
+            m.batch_norm,
+            spec["mean"],
+            spec["std"],
+        )
     if m.name == "resnet_small":
-        return ResNetSmall(in_shape, num_classes, m.channels, m.convs_per_block, m.hidden, m.dropout,  # type: ignore[arg-type]
-                           spec["mean"], spec["std"])
+        return ResNetSmall(
+            in_shape,
+            num_classes,
+            m.channels,
+            m.convs_per_block,
+            m.hidden,
+            m.dropout,  # type: ignore[arg-type]
+            spec["mean"],
+            spec["std"],
+        )
     raise ValueError(f"unknown model {m.name!r}")  # unreachable after config validation

@@ -20,8 +20,7 @@ class BasicBlock(nn.Module):
         )
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -31,14 +30,25 @@ class BasicBlock(nn.Module):
 class ResNetSmall(nn.Module):
     """Stem conv, then one stage per width (stride 2 from the second stage on), global average pool."""
 
-    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, channels: list[int],
-                 blocks_per_stage: int, hidden: list[int], dropout: float,
-                 mean: list[float], std: list[float]) -> None:
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        num_classes: int,
+        channels: list[int],
+        blocks_per_stage: int,
+        hidden: list[int],
+        dropout: float,
+        mean: list[float],
+        std: list[float],
+    ) -> None:
         super().__init__()
         c, h, _ = in_shape
         self.normalize = Normalize(mean, std)
-        self.stem = nn.Sequential(nn.Conv2d(c, channels[0], 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(channels[0]), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(c, channels[0], 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels[0]),
+            nn.ReLU(inplace=True),
+        )
         stages: list[nn.Module] = []
         c = channels[0]
         for i, width in enumerate(channels):

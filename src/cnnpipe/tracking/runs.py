@@ -70,8 +70,14 @@ def connect(configured_uri: str | None, project_root: Path) -> tuple[MlflowClien
 
 
 @contextmanager
-def tracked_run(configured_uri: str | None, project_root: Path, experiment: str, run_name: str,
-                tags: dict[str, str], parent_run_id: str | None = None) -> Iterator[RunLogger]:
+def tracked_run(
+    configured_uri: str | None,
+    project_root: Path,
+    experiment: str,
+    run_name: str,
+    tags: dict[str, str],
+    parent_run_id: str | None = None,
+) -> Iterator[RunLogger]:
     """Start a run (the active fluent run too, for `log_model`) and end it with the right status:
     FINISHED on success, KILLED on Ctrl-C / SIGTERM, FAILED on any other exception."""
     client, uri = connect(configured_uri, project_root)

@@ -36,8 +36,9 @@ class EpochHistory(Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
         loss = metrics.get("train/loss")
         if loss is not None and not math.isfinite(loss):
-            raise NonFiniteLoss(f"train/loss is {loss} at epoch {trainer.current_epoch}: lower optim.lr "
-                                f"or set train.grad_clip")
+            raise NonFiniteLoss(
+                f"train/loss is {loss} at epoch {trainer.current_epoch}: lower optim.lr or set train.grad_clip"
+            )
         if not trainer.is_global_zero:
             return
         if trainer.optimizers:

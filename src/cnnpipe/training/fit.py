@@ -31,9 +31,16 @@ class FitResult:
     trainer: pl.Trainer = field(repr=False)
 
 
-def fit(cfg: Config, meta: dict[str, Any], train: Split, val: Split, ckpt_dir: Path,
-        sinks: list[MetricSink] | None = None, callbacks: list[Callback] | None = None,
-        quiet: bool = False) -> FitResult:
+def fit(
+    cfg: Config,
+    meta: dict[str, Any],
+    train: Split,
+    val: Split,
+    ckpt_dir: Path,
+    sinks: list[MetricSink] | None = None,
+    callbacks: list[Callback] | None = None,
+    quiet: bool = False,
+) -> FitResult:
     """Seed once, train for `train.epochs`, then load the checkpoint that was best on `train.monitor`."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     spec = model_spec(cfg.model, meta)

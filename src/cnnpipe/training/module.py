@@ -15,8 +15,13 @@ from cnnpipe.config import OptimConfig
 
 def build_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
@@ -59,8 +64,14 @@ class ImageClassifier(pl.LightningModule):
         logits = self(x)
         self.val_acc(logits, y)
         self.val_f1(logits, y)
-        self.log("val/loss", self._loss(logits, y), on_step=False, on_epoch=True, batch_size=y.shape[0],
-                 sync_dist=True)
+        self.log(
+            "val/loss",
+            self._loss(logits, y),
+            on_step=False,
+            on_epoch=True,
+            batch_size=y.shape[0],
+            sync_dist=True,
+        )
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True)
         self.log("val/f1_macro", self.val_f1, on_step=False, on_epoch=True)
 
@@ -68,9 +79,12 @@ class ImageClassifier(pl.LightningModule):
         optimizer = build_optimizer(self.parameters(), self.optim_cfg)
         if self.optim_cfg.scheduler == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=self.optim_cfg.lr, total_steps=int(self.trainer.estimated_stepping_batches))
+                optimizer, max_lr=self.optim_cfg.lr, total_steps=int(self.trainer.estimated_stepping_batches)
+            )
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         if self.optim_cfg.scheduler == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs or 1))
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=max(1, self.trainer.max_epochs or 1)
+            )
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
         return optimizer

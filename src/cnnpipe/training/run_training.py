@@ -55,13 +55,20 @@ def run_training(cfg: Config, root: Path) -> dict[str, Any]:
     train, val = load_split(train_file), load_split(val_file)
     out = root / cfg.paths.models
     tags = run_tags(root, "train", cfg.data.name, file_digest(train_file, val_file))
-    info("train", f"{len(train.labels)} train / {len(val.labels)} val images, model {cfg.model.name}, "
-                  f"{cfg.train.epochs} epochs")
+    info(
+        "train",
+        f"{len(train.labels)} train / {len(val.labels)} val images, model {cfg.model.name}, {cfg.train.epochs} epochs",
+    )
     with tracked_run(cfg.tracking.uri, root, experiment_name(cfg), f"train-{cfg.model.name}", tags) as run:
         info("train", f"MLflow run {run.run_id} in {mask_secrets(run.uri)}")
         run.log_params(flatten(as_dict(cfg)))
-        run.log_params({"data.num_train": len(train.labels), "data.num_val": len(val.labels),
-                        "data.num_classes": meta["num_classes"]})
+        run.log_params(
+            {
+                "data.num_train": len(train.labels),
+                "data.num_val": len(val.labels),
+                "data.num_classes": meta["num_classes"],
+            }
+        )
         result = fit(cfg, meta, train, val, root / cfg.paths.checkpoints, sinks=[run.log_metrics])
 
         save_model(out, result.net, result.spec)
@@ -73,11 +80,16 @@ def run_training(cfg: Config, root: Path) -> dict[str, Any]:
         if result.best_score is not None:
             run.log_metrics({f"best/{cfg.train.monitor}": result.best_score}, step=result.best_epoch or 0)
         if cfg.tracking.log_model:
-            example = (train.images[:2].astype(np.float32) / 255.0)
+            example = train.images[:2].astype(np.float32) / 255.0
             log_torch_model(result.net, example)
-        summary = {"run_id": run.run_id, "experiment": experiment_name(cfg),
-                   "tracking_uri": mask_secrets(run.uri), "best_epoch": result.best_epoch,
-                   "best_score": result.best_score, "monitor": cfg.train.monitor}
+        summary = {
+            "run_id": run.run_id,
+            "experiment": experiment_name(cfg),
+            "tracking_uri": mask_secrets(run.uri),
+            "best_epoch": result.best_epoch,
+            "best_score": result.best_score,
+            "monitor": cfg.train.monitor,
+        }
         write_json_atomic(out / "run.json", summary)
     info("train", f"best {cfg.train.monitor} {result.best_score} at epoch {(result.best_epoch or 0) + 1}")
     return summary

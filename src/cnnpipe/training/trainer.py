@@ -23,19 +23,32 @@ def resolve_precision(cfg: Config) -> str:
 
 
 def checkpoint_callback(cfg: Config, ckpt_dir: Path) -> ModelCheckpoint:
-    return ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.train.monitor,
-                           mode=cfg.train.monitor_mode, save_top_k=1, save_last=True,
-                           auto_insert_metric_name=False, enable_version_counter=False)
+    return ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best",
+        monitor=cfg.train.monitor,
+        mode=cfg.train.monitor_mode,
+        save_top_k=1,
+        save_last=True,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
 
 
-def build_trainer(cfg: Config, callbacks: list[Callback], max_epochs: int | None = None,
-                  root_dir: Path | None = None) -> pl.Trainer:
+def build_trainer(
+    cfg: Config, callbacks: list[Callback], max_epochs: int | None = None, root_dir: Path | None = None
+) -> pl.Trainer:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     callbacks = list(callbacks)
     if cfg.train.early_stopping_patience:
-        callbacks.append(EarlyStopping(monitor=cfg.train.monitor, mode=cfg.train.monitor_mode,
-                                       patience=cfg.train.early_stopping_patience))
+        callbacks.append(
+            EarlyStopping(
+                monitor=cfg.train.monitor,
+                mode=cfg.train.monitor_mode,
+                patience=cfg.train.early_stopping_patience,
+            )
+        )
     return pl.Trainer(
         max_epochs=max_epochs or cfg.train.epochs,
         accelerator=cfg.trainer.accelerator,

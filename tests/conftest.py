@@ -1,0 +1,68 @@
+"""Shared fixtures. Tests make their own tiny data; nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Everything in tests runs on the CPU with few threads: the machine has 2 cores.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests pick their own MLflow store; a user's MLFLOW_TRACKING_URI must not leak in."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def copy_project(dest: Path) -> Path:
+    """A copy of the project's tracked sources (no outputs, no store), as a fresh git repo."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for rel in files:
+        src = ROOT / rel
+        if src.is_file() and not rel.startswith(("data/", "models/", "eval/", "mlflow.db")):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"], cwd=dest, check=True)
+    return dest
+
+
+def stage_env() -> dict[str, str]:
+    """Environment for stage subprocesses: the venv first on PATH (DVC runs `python ...`), few threads."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def write_png(path: Path, array: np.ndarray, mode: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path)
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 12, seed: int = 0) -> Path:
+    """Class folders of small PNGs, each class a distinct bright square position: easy to learn."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        for i in range(per_class):
+            img = (rng.random((size, size)) * 40).astype(np.uint8)
+            r0 = (c * 4) % (size - 4)
+            img[r0 : r0 + 4, 2:10] = 230
+            write_png(root / f"class_{c}" / f"img_{i}.png", img)
+    return root

@@ -1,0 +1,162 @@
+"""End to end: the real `dvc repro` in a temporary copy of the project, then the real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import copy_project, make_image_folder, stage_env
+
+pytestmark = pytest.mark.slow
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, cwd=cwd, env=stage_env(), capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run([str(Path(sys.executable).parent / "dvc"), *args], cwd, check)
+
+
+def compose_params(project: Path, *overrides: str) -> None:
+    run([sys.executable, "-m", "cnnpipe.config", "compose", "--out", "params.yaml", *overrides], project)
+
+
+@pytest.fixture(scope="module")
+def repro_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits pipeline, shortened to 3 epochs, reproduced once for the tests below."""
+    project = copy_project(tmp_path_factory.mktemp("project"))
+    compose_params(project, "train.epochs=3", "augment.copies=1")
+    dvc("repro", cwd=project)
+    return project
+
+
+def test_repro_writes_every_output(repro_project: Path) -> None:
+    for rel in (
+        "data/prepared/meta.json",
+        "data/augmented/train.npz",
+        "data/augmented/preview.png",
+        "models/model.safetensors",
+        "models/curves.png",
+        "models/history.csv",
+        "eval/metrics.json",
+        "eval/confusion.json",
+        "eval/confusion.png",
+        "eval/per_class.csv",
+    ):
+        assert (repro_project / rel).is_file(), rel
+    metrics = json.loads((repro_project / "eval/metrics.json").read_text())["test"]
+    assert set(metrics) == {"acc", "f1_macro", "precision_macro", "recall_macro", "ece", "loss"}
+    assert metrics["acc"] > 0.85  # 3 epochs on digits; the full default run reaches >= 0.99
+    history = (repro_project / "models/history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,train/loss") and len(history) == 4
+
+
+def test_mlflow_run_has_params_metrics_tags_and_model(repro_project: Path) -> None:
+    client = MlflowClient(f"sqlite:///{repro_project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cnnpipe-digits")
+    assert exp is not None and exp.artifact_location.startswith(f"file://{repro_project}")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    run_id = json.loads((repro_project / "models/run.json").read_text())["run_id"]
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert len(run.data.params) >= 10
+    assert run.data.params["optim.lr"] == "0.003" and run.data.params["data.batch_size"] == "64"
+    history = client.get_metric_history(run_id, "val/acc")
+    assert [m.step for m in history] == [0, 1, 2]
+    for key in ("train/loss", "val/loss", "val/f1_macro"):
+        assert len(client.get_metric_history(run_id, key)) == 3, key
+    evaluated = json.loads((repro_project / "eval/metrics.json").read_text())["test"]
+    assert run.data.metrics["test/acc"] == pytest.approx(evaluated["acc"])
+    tags = run.data.tags
+    assert tags["cnnpipe.stage"] == "train" and tags["cnnpipe.dataset"] == "digits"
+    assert len(tags["cnnpipe.git_commit"]) == 40 and tags["cnnpipe.git_dirty"] in ("true", "false")
+    assert len(tags["cnnpipe.data_digest"]) == 64
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"curves.png", "history.csv", "config.yaml", "eval"} <= artifacts
+    models = client.search_logged_models(experiment_ids=[exp.experiment_id])
+    assert len(models) == 1 and models[0].source_run_id == run_id
+
+
+def test_second_repro_skips_every_stage_quickly(repro_project: Path) -> None:
+    start = time.monotonic()
+    proc = dvc("repro", cwd=repro_project)
+    elapsed = time.monotonic() - start
+    assert "Data and pipelines are up to date" in proc.stdout
+    assert "Running stage" not in proc.stdout
+    print(f"no-op dvc repro: {elapsed:.2f} s")  # the budget (<= 3 s) is a benchmark, not an assertion
+
+
+def test_changing_optim_reruns_train_and_evaluate_only(repro_project: Path) -> None:
+    compose_params(repro_project, "train.epochs=2", "augment.copies=1", "optim.lr=0.002")
+    proc = dvc("repro", cwd=repro_project)
+    assert "Running stage 'train'" in proc.stdout and "Running stage 'evaluate'" in proc.stdout
+    assert "Running stage 'prepare'" not in proc.stdout and "Running stage 'augment'" not in proc.stdout
+    client = MlflowClient(f"sqlite:///{repro_project / 'mlflow.db'}")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("cnnpipe-digits").experiment_id], order_by=["attributes.start_time DESC"]
+    )
+    assert len(runs) == 2 and runs[0].data.params["optim.lr"] == "0.002"
+    assert "test/acc" in runs[0].data.metrics  # evaluate logged into the new run
+
+
+def test_dvc_exp_run_composes_hydra_overrides(repro_project: Path) -> None:
+    subprocess.run(["git", "add", "-A"], cwd=repro_project, check=True)
+    subprocess.run(
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "after repro"],
+        cwd=repro_project,
+        check=True,
+    )
+    dvc("exp", "run", "-S", "train.epochs=1", "-S", "augment.copies=1", "-S", "model=cnn_bn", cwd=repro_project)
+    import yaml
+
+    params = yaml.safe_load((repro_project / "params.yaml").read_text())
+    assert params["model"]["name"] == "cnn_bn" and params["model"]["batch_norm"] is True
+    assert params["train"]["epochs"] == 1
+
+
+def test_prepare_messy_image_folder_reports_skipped(tmp_path: Path) -> None:
+    project = copy_project(tmp_path / "project")
+    images = make_image_folder(tmp_path / "images", classes=3, per_class=6)
+    (images / "class_0" / "truncated.png").write_bytes((images / "class_0" / "img_0.png").read_bytes()[:60])
+    (images / "class_1" / "empty.png").write_bytes(b"")
+    (images / "class_2" / "notes.txt").write_text("not an image")
+    (images / "class_2" / ".DS_Store").write_bytes(b"\0\1")
+    proc = run(
+        [sys.executable, "pipelines/prepare.py", "data=imagefolder", f"data.path={images}", "data.image_size=16"],
+        project,
+    )
+    assert "skipped 2 unreadable image(s)" in proc.stderr
+    meta = json.loads((project / "data/prepared/meta.json").read_text())
+    assert sorted(s["file"] for s in meta["skipped"]) == ["class_0/truncated.png", "class_1/empty.png"]
+    assert meta["ignored_files"] == 2 and meta["classes"] == ["class_0", "class_1", "class_2"]
+    assert meta["image_shape"] == [3, 16, 16]
+    assert sum(meta["counts"][s]["total"] for s in ("train", "val", "test")) == 18
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("optim.lr=-1", "optim.lr"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("optim.foo=1", "optim.foo"),
+        ("data=imagefolder", "data.path"),
+    ],
+)
+def test_bad_config_is_one_line_exit_2_nothing_written(tmp_path: Path, override: str, key: str) -> None:
+    project = copy_project(tmp_path / "project")
+    proc = run([sys.executable, "pipelines/prepare.py", override], project, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0] and lines[0].startswith("cnnpipe prepare: error:")
+    assert not (project / "data").exists() or not any((project / "data").iterdir())
