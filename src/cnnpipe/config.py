@@ -24,6 +24,9 @@ MODELS = ("cnn", "cnn_bn", "resnet_small")
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("onecycle", "cosine", "none")
 MONITORS = ("val/acc", "val/loss", "val/f1_macro")
+SAMPLERS = ("tpe", "random", "cmaes", "gp")
+PRUNERS = ("median", "hyperband", "none")
+PARAM_TYPES = ("float", "int", "categorical")
 PRECISIONS = ("auto", "32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
@@ -110,12 +113,44 @@ class TrackingConfig:
 
 
 @dataclass
+class ParamSpace:
+    """One searchable key: `float` / `int` between low and high (log scale optional, step for int),
+    or `categorical` over choices."""
+
+    key: str = "???"
+    type: str = "float"
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+
+@dataclass
+class SweepConfig:
+    study_name: str | None = None
+    n_trials: int = 8
+    timeout: float | None = None
+    metric: str = "val/acc"
+    direction: str = "maximize"
+    sampler: str = "tpe"
+    pruner: str = "median"
+    n_startup_trials: int = 3
+    n_warmup_epochs: int = 2
+    storage: str | None = None
+    workers: int = 1
+    space: dict[str, ParamSpace] = field(default_factory=dict)
+
+
+@dataclass
 class PathsConfig:
     prepared: str = "data/prepared"
     augmented: str = "data/augmented"
     models: str = "models"
     eval: str = "eval"
     checkpoints: str = "checkpoints"
+    sweep: str = "sweep"
+    optuna: str = ".optuna"
 
 
 @dataclass
@@ -128,6 +163,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
@@ -304,6 +340,56 @@ def validate(cfg: Config) -> None:
     _check(tr.num_nodes >= 1, "trainer.num_nodes", ">= 1", tr.num_nodes)
     _check(tr.precision in PRECISIONS, "trainer.precision", f"one of {', '.join(PRECISIONS)}", tr.precision)
     _check(tr.threads >= 0, "trainer.threads", ">= 0", tr.threads)
+    validate_sweep(cfg)
+
+
+def validate_sweep(cfg: Config) -> None:
+    sw = cfg.sweep
+    _check(sw.n_trials >= 1, "sweep.n_trials", ">= 1", sw.n_trials)
+    _check(
+        sw.timeout is None or (_finite(sw.timeout) and sw.timeout > 0),
+        "sweep.timeout",
+        "null or > 0 seconds",
+        sw.timeout,
+    )
+    _check(sw.metric in MONITORS, "sweep.metric", f"one of {', '.join(MONITORS)}", sw.metric)
+    _check(sw.direction in ("maximize", "minimize"), "sweep.direction", "maximize or minimize", sw.direction)
+    _check(sw.sampler in SAMPLERS, "sweep.sampler", f"one of {', '.join(SAMPLERS)}", sw.sampler)
+    _check(sw.pruner in PRUNERS, "sweep.pruner", f"one of {', '.join(PRUNERS)}", sw.pruner)
+    _check(sw.n_startup_trials >= 0, "sweep.n_startup_trials", ">= 0", sw.n_startup_trials)
+    _check(sw.n_warmup_epochs >= 0, "sweep.n_warmup_epochs", ">= 0", sw.n_warmup_epochs)
+    _check(1 <= sw.workers <= 64, "sweep.workers", "between 1 and 64", sw.workers)
+    known = flatten(as_dict(cfg))
+    for name, p in sw.space.items():
+        where = f"sweep.space.{name}"
+        _check(
+            p.key in known and not p.key.startswith(("sweep.", "paths.", "tracking.")),
+            f"{where}.key",
+            "an existing config key outside sweep/paths/tracking",
+            p.key,
+        )
+        _check(p.type in PARAM_TYPES, f"{where}.type", f"one of {', '.join(PARAM_TYPES)}", p.type)
+        if p.type == "categorical":
+            _check(bool(p.choices), f"{where}.choices", "a non-empty list", p.choices)
+            continue
+        _check(
+            p.low is not None and p.high is not None and _finite(p.low) and _finite(p.high),
+            f"{where}",
+            "given low and high",
+            (p.low, p.high),
+        )
+        _check(p.low <= p.high, f"{where}.low", f"<= high ({p.high})", p.low)  # type: ignore[operator]
+        _check(not p.log or p.low > 0, f"{where}.low", "> 0 on a log scale", p.low)  # type: ignore[operator]
+        _check(p.step is None or p.step > 0, f"{where}.step", "null or > 0", p.step)
+        _check(not (p.log and p.step is not None), f"{where}.step", "null when log is true", p.step)
+
+
+def with_values(cfg: Config, values: dict[str, Any], source: str = "overrides") -> Config:
+    """A copy of `cfg` with dotted keys set (`{"optim.lr": 0.01}`), re-checked and re-validated."""
+    tree = OmegaConf.create(as_dict(cfg))
+    for key, value in values.items():
+        OmegaConf.update(tree, key, value, merge=False)
+    return to_config(OmegaConf.to_container(tree), source=source)  # type: ignore[arg-type]
 
 
 def as_dict(cfg: Config) -> dict[str, Any]:

@@ -39,7 +39,11 @@ class RunLogger:
     def __init__(self, client: MlflowClient, run_id: str, uri: str) -> None:
         self.client, self.run_id, self.uri = client, run_id, uri
 
-    def log_params(self, params: dict[str, Any]) -> None:
+    def log_params(self, params: dict[str, Any], only_new: bool = False) -> None:
+        """Log params; `only_new` skips keys the run already has (a reopened run: MLflow params are immutable)."""
+        if only_new:
+            existing = self.client.get_run(self.run_id).data.params
+            params = {k: v for k, v in params.items() if k not in existing}
         items = [Param(k, _param_value(v)) for k, v in params.items()]
         for i in range(0, len(items), BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + BATCH], synchronous=True)
@@ -77,18 +81,23 @@ def tracked_run(
     run_name: str,
     tags: dict[str, str],
     parent_run_id: str | None = None,
+    reopen_run_id: str | None = None,
 ) -> Iterator[RunLogger]:
     """Start a run (the active fluent run too, for `log_model`) and end it with the right status:
-    FINISHED on success, KILLED on Ctrl-C / SIGTERM, FAILED on any other exception."""
+    FINISHED on success, KILLED on Ctrl-C / SIGTERM, FAILED on any other exception.
+    `reopen_run_id`: continue that run instead, if it still exists (a resumed sweep keeps its parent)."""
     client, uri = connect(configured_uri, project_root)
     exp_id = get_or_create_experiment(client, experiment, artifact_location(project_root, experiment))
     if parent_run_id:
         tags = {**tags, "mlflow.parentRunId": parent_run_id}
-    run = client.create_run(exp_id, run_name=run_name, tags=tags)
-    run_id = run.info.run_id
+    run_id = _existing_run(client, reopen_run_id, exp_id)
+    if run_id:
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
     status = RunStatus.to_string(RunStatus.FAILED)
     try:
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
             yield RunLogger(client, run_id, uri)
             status = RunStatus.to_string(RunStatus.FINISHED)
     except KeyboardInterrupt:
@@ -96,6 +105,17 @@ def tracked_run(
         raise
     finally:
         client.set_terminated(run_id, status=status)
+
+
+def _existing_run(client: MlflowClient, run_id: str | None, experiment_id: str) -> str | None:
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None
+    ok = run.info.experiment_id == experiment_id and run.info.lifecycle_stage == "active"
+    return run_id if ok else None
 
 
 def log_into_run(configured_uri: str | None, project_root: Path, run_id: str) -> RunLogger:

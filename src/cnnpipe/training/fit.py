@@ -41,18 +41,21 @@ def fit(
     callbacks: list[Callback] | None = None,
     quiet: bool = False,
 ) -> FitResult:
-    """Seed once, train for `train.epochs`, then load the checkpoint that was best on `train.monitor`."""
+    """Seed once, train for `train.epochs`, then load the checkpoint that was best on `train.monitor`.
+    With `ckpt_dir=None` (sweep trials) nothing is written and the final weights are returned."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     spec = model_spec(cfg.model, meta)
     module = ImageClassifier(build_model(spec), len(spec["classes"]), cfg.optim, cfg.train.label_smoothing)
     data = InMemoryDataModule(train, val, cfg.data.batch_size, cfg.seed)
     history = EpochHistory(sinks, quiet=quiet)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    ckpt = checkpoint_callback(cfg, ckpt_dir)
-    trainer = build_trainer(cfg, [history, ckpt, *(callbacks or [])], root_dir=ckpt_dir)
+    ckpt = None
+    if ckpt_dir is not None:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        ckpt = checkpoint_callback(cfg, ckpt_dir)
+    trainer = build_trainer(cfg, [history, *([ckpt] if ckpt else []), *(callbacks or [])], root_dir=ckpt_dir)
     trainer.fit(module, datamodule=data)
     best_score = best_epoch = None
-    if ckpt.best_model_path:
+    if ckpt is not None and ckpt.best_model_path:
         state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)
         module.load_state_dict(state["state_dict"])
         best_score = float(ckpt.best_model_score) if ckpt.best_model_score is not None else None

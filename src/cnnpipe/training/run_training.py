@@ -12,9 +12,10 @@ import numpy as np
 import yaml
 
 from cnnpipe.atomic import write_json_atomic, write_text_atomic
-from cnnpipe.config import Config, as_dict, flatten
+from cnnpipe.config import Config, as_dict, flatten, with_values
 from cnnpipe.console import info
 from cnnpipe.data.store import load_meta, load_split
+from cnnpipe.errors import DataError
 from cnnpipe.evaluation.plots import plot_curves
 from cnnpipe.models.store import save_model
 from cnnpipe.tracking.model_logging import log_torch_model
@@ -48,13 +49,38 @@ def history_csv(rows: list[dict[str, float]]) -> str:
     return buf.getvalue()
 
 
+def apply_hparams(cfg: Config, root: Path) -> tuple[Config, dict[str, str]]:
+    """`train.hparams=sweep`: the sweep's best values over params.yaml, and tags linking the run to the
+    sweep's parent run and best trial. `train.hparams=params`: params.yaml as it stands."""
+    if cfg.train.hparams != "sweep":
+        return cfg, {"cnnpipe.hparams": "params"}
+    path = root / cfg.paths.sweep / "best_params.yaml"
+    try:
+        best = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; run `dvc repro sweep` first, or set train.hparams=params") from None
+    if not isinstance(best, dict) or not isinstance(best.get("params"), dict):
+        raise DataError(f"{path}: not a cnnpipe sweep result (no `params` mapping)")
+    tuned = with_values(cfg, best["params"], source=str(path))
+    tags = {
+        "cnnpipe.hparams": "sweep",
+        "cnnpipe.sweep_study": str(best.get("study")),
+        "cnnpipe.sweep_run_id": str(best.get("mlflow_parent_run_id")),
+        "cnnpipe.sweep_best_trial": str(best.get("best_trial")),
+        "cnnpipe.sweep_best_trial_run_id": str(best.get("mlflow_trial_run_id")),
+    }
+    info("train", f"hyperparameters from the sweep (trial {best.get('best_trial')}): {best['params']}")
+    return tuned, tags
+
+
 def run_training(cfg: Config, root: Path) -> dict[str, Any]:
+    cfg, hparam_tags = apply_hparams(cfg, root)
     prepared, augmented = root / cfg.paths.prepared, root / cfg.paths.augmented
     meta = load_meta(prepared)
     train_file, val_file = augmented / "train.npz", prepared / "val.npz"
     train, val = load_split(train_file), load_split(val_file)
     out = root / cfg.paths.models
-    tags = run_tags(root, "train", cfg.data.name, file_digest(train_file, val_file))
+    tags = {**run_tags(root, "train", cfg.data.name, file_digest(train_file, val_file)), **hparam_tags}
     info(
         "train",
         f"{len(train.labels)} train / {len(val.labels)} val images, model {cfg.model.name}, {cfg.train.epochs} epochs",

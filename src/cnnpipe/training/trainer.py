@@ -60,6 +60,7 @@ def build_trainer(
         gradient_clip_val=cfg.train.grad_clip or None,
         callbacks=callbacks,
         logger=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,

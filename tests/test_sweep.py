@@ -1,0 +1,241 @@
+"""Sweeps against real Optuna storage (journal file, PostgreSQL) and a real MLflow store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from tests.conftest import copy_project, stage_env
+
+pytestmark = pytest.mark.slow
+
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+# Tiny, fast trials: no augmented copies, 1-2 epochs.
+FAST = ["augment=none", "sweep.space.epochs.low=1", "sweep.space.epochs.high=2", "sweep.n_startup_trials=2"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project copy with prepared + augmented digits, shared by the sweep tests."""
+    root = copy_project(tmp_path_factory.mktemp("sweep-project"))
+    for stage in ("prepare", "augment"):
+        subprocess.run(
+            [sys.executable, f"pipelines/{stage}.py", "augment=none"],
+            cwd=root,
+            env=stage_env(),
+            check=True,
+            capture_output=True,
+        )
+    return root
+
+
+def sweep_cmd(*overrides: str) -> list[str]:
+    return [sys.executable, "pipelines/sweep.py", *FAST, *overrides]
+
+
+def run_sweep(project: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        sweep_cmd(*overrides), cwd=project, env=stage_env(), capture_output=True, text=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sweep failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def isolated(project: Path, name: str) -> list[str]:
+    """Overrides giving a test its own study name, journal folder and MLflow store."""
+    return [
+        f"sweep.study_name={name}",
+        f"paths.optuna=.optuna-{name}",
+        f"paths.sweep=sweep-{name}",
+        f"tracking.uri=sqlite:///{project / f'mlflow-{name}.db'}",
+    ]
+
+
+def journal_study(project: Path, name: str) -> optuna.Study:
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(project / f".optuna-{name}" / "journal.log"))
+    )
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_sweep_writes_outputs_and_nested_mlflow_runs(project: Path) -> None:
+    proc = run_sweep(project, *isolated(project, "basic"), "sweep.n_trials=3")
+    assert "trial 3 of 3" in proc.stderr and "best val/acc" in proc.stderr
+    out = project / "sweep-basic"
+    best = yaml.safe_load((out / "best_params.yaml").read_text())
+    assert set(best["params"]) == {"optim.lr", "data.batch_size", "train.epochs"}
+    assert best["trials"]["total"] == 3
+    rows = (out / "trials.csv").read_text().splitlines()
+    assert rows[0].startswith("number,state,value,epochs,duration_s") and len(rows) == 4
+    for picture in ("history.png", "importances.png", "parallel.png"):
+        assert (out / picture).stat().st_size > 1000
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow-basic.db'}")
+    exp = client.get_experiment_by_name("cnnpipe-digits")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("cnnpipe.stage") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("cnnpipe.stage") == "trial"]
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert parent.info.run_id == best["mlflow_parent_run_id"] and parent.info.status == "FINISHED"
+    assert parent.data.metrics[f"best/{best['metric']}"] == pytest.approx(best["best_value"])
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["cnnpipe.trial_state"] in ("complete", "pruned")
+        assert child.info.status == "FINISHED"
+        epochs = int(child.data.params["train.epochs"])
+        history = client.get_metric_history(child.info.run_id, "val/acc")
+        assert 1 <= len(history) <= epochs
+    numbers = sorted(int(c.data.tags["cnnpipe.trial_number"]) for c in children)
+    assert numbers == [0, 1, 2]
+
+
+def test_resume_continues_to_n_trials_in_total_with_the_same_parent(project: Path) -> None:
+    names = isolated(project, "resume")
+    run_sweep(project, *names, "sweep.n_trials=2")
+    first = yaml.safe_load((project / "sweep-resume" / "best_params.yaml").read_text())
+    run_sweep(project, *names, "sweep.n_trials=3")
+    second = yaml.safe_load((project / "sweep-resume" / "best_params.yaml").read_text())
+    assert second["trials"]["total"] == 3  # not 2 + 3
+    assert second["mlflow_parent_run_id"] == first["mlflow_parent_run_id"]
+    run_sweep(project, *names, "sweep.n_trials=3")  # already complete: runs nothing more
+    assert len(journal_study(project, "resume").trials) == 3
+
+
+def test_killed_sweep_resumes_with_no_lost_or_duplicated_trials(project: Path) -> None:
+    name = "killed"
+    names = isolated(project, name)
+    proc = subprocess.Popen(
+        sweep_cmd(
+            *names, "sweep.n_trials=4", "sweep.space.epochs.low=3", "sweep.space.epochs.high=3", "sweep.pruner=none"
+        ),
+        cwd=project,
+        env=stage_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    journal = project / f".optuna-{name}" / "journal.log"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:  # wait until one trial is done and the next is running
+        if journal.exists():
+            trials = journal_study(project, name).trials
+            if any(t.state == TrialState.COMPLETE for t in trials) and trials[-1].state == TrialState.RUNNING:
+                break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the sweep never got to a running second trial")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert any(t.state == TrialState.RUNNING for t in journal_study(project, name).trials)
+
+    proc2 = run_sweep(
+        project,
+        *names,
+        "sweep.n_trials=4",
+        "sweep.space.epochs.low=3",
+        "sweep.space.epochs.high=3",
+        "sweep.pruner=none",
+    )
+    assert "re-queued 1 trial(s)" in proc2.stderr
+    trials = journal_study(project, name).trials
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(complete) == 4 and len(failed) == 1  # the killed trial, retried once with the same params
+    retry = [t for t in complete if t.system_attrs.get("failed_trial") == failed[0].number]
+    assert len(retry) == 1 and retry[0].params == failed[0].params
+    assert len({t.number for t in trials}) == len(trials)
+    best = yaml.safe_load((project / f"sweep-{name}" / "best_params.yaml").read_text())
+    assert best["trials"]["complete"] == 4
+
+
+def test_pruning_prunes_a_hopeless_learning_rate(project: Path) -> None:
+    name = "prune"
+    run_sweep(
+        project,
+        *isolated(project, name),
+        "sweep.n_trials=6",
+        "sweep.sampler=random",
+        "sweep.pruner=median",
+        "sweep.n_startup_trials=1",
+        "sweep.n_warmup_epochs=0",
+        "sweep.space.epochs.low=4",
+        "sweep.space.epochs.high=4",
+        "optim.scheduler=none",
+        "sweep.space.lr.type=categorical",
+        "sweep.space.lr.choices=[0.0000001,0.003]",
+    )
+    trials = journal_study(project, name).trials
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned, [(t.params, t.state) for t in trials]
+    assert all(t.params["optim.lr"] == pytest.approx(1e-7) for t in pruned)
+    assert all(len(t.intermediate_values) < 4 for t in pruned)
+
+
+def test_diverging_trial_fails_and_the_study_goes_on(project: Path) -> None:
+    name = "nan"
+    run_sweep(
+        project,
+        *isolated(project, name),
+        "sweep.n_trials=3",
+        "sweep.sampler=random",
+        "optim=sgd",
+        "optim.scheduler=none",
+        "sweep.space.lr.type=categorical",
+        "sweep.space.lr.choices=[1e12,0.01]",
+        "sweep.space.epochs.low=1",
+        "sweep.space.epochs.high=1",
+    )
+    trials = journal_study(project, name).trials
+    assert len(trials) == 3
+    states = {t.params["optim.lr"]: t.state for t in trials}
+    assert states.get(1e12) == TrialState.FAIL and states.get(0.01) == TrialState.COMPLETE
+
+
+def _postgres_up() -> bool:
+    try:
+        import sqlalchemy as sa
+
+        with sa.create_engine(PG_URL).connect() as conn:
+            conn.execute(sa.text("select 1"))
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _postgres_up(), reason=f"no PostgreSQL answers at {PG_URL}")
+def test_two_workers_share_a_postgresql_study(project: Path) -> None:
+    name = f"pg-{uuid.uuid4().hex[:8]}"
+    run_sweep(
+        project,
+        *isolated(project, name),
+        f"sweep.storage={PG_URL}",
+        "sweep.workers=2",
+        "sweep.n_trials=4",
+        "sweep.pruner=none",
+    )
+    study = optuna.load_study(study_name=name, storage=PG_URL)
+    trials = study.trials
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    workers = {t.user_attrs["cnnpipe.worker"] for t in trials}
+    assert len(workers) == 2  # both processes ran trials
+    client = MlflowClient(f"sqlite:///{project / f'mlflow-{name}.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cnnpipe-digits").experiment_id])
+    parent = [r for r in runs if r.data.tags.get("cnnpipe.stage") == "sweep"][0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4
+    optuna.delete_study(study_name=name, storage=PG_URL)
