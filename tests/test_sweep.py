@@ -235,7 +235,7 @@ def test_two_workers_share_a_postgresql_study(project: Path) -> None:
     assert len(workers) == 2  # both processes ran trials
     client = MlflowClient(f"sqlite:///{project / f'mlflow-{name}.db'}")
     runs = client.search_runs([client.get_experiment_by_name("cnnpipe-digits").experiment_id])
-    parent = [r for r in runs if r.data.tags.get("cnnpipe.stage") == "sweep"][0]
+    parent = next(r for r in runs if r.data.tags.get("cnnpipe.stage") == "sweep")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 4
     optuna.delete_study(study_name=name, storage=PG_URL)

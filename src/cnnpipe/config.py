@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -215,7 +215,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], conf_dir: Path) -
         parsed = OverridesParser.create().parse_overrides(overrides=list(overrides))
     except HydraException as exc:
         raise ConfigError(f"bad override: {_first_line(str(exc))}") from None
-    for ov in parsed:
+    # Like Hydra: group choices first, then key overrides on top, whatever order they were given in.
+    groups = [ov for ov in parsed if "." not in ov.key_or_group and (conf_dir / ov.key_or_group).is_dir()]
+    for ov in groups + [ov for ov in parsed if ov not in groups]:
         key = ov.key_or_group
         value = ov.value()
         group_file = conf_dir / key / f"{value}.yaml"
@@ -231,8 +233,24 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], conf_dir: Path) -
     return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
 
 
+def _check_sections(raw: Any, schema: Any, prefix: str = "") -> None:
+    """A plain value where the schema has a section (`data.split=0.5`): name the key, which OmegaConf's
+    merge error does not."""
+    if not isinstance(raw, dict):
+        return
+    hints = get_type_hints(schema)
+    for f in fields(schema):
+        section = hints[f.name]
+        if f.name in raw and isinstance(section, type) and is_dataclass(section):
+            value = raw[f.name]
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{f.name} must be a mapping of keys, got {value!r}")
+            _check_sections(value, section, f"{prefix}{f.name}.")
+
+
 def to_config(raw: dict[str, Any], source: str = "config") -> Config:
     """Check `raw` against the schema (unknown keys, types, missing values), then validate values."""
+    _check_sections(raw, Config)
     try:
         merged: DictConfig = OmegaConf.merge(OmegaConf.structured(Config), raw)  # type: ignore[assignment]
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]

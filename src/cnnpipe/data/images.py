@@ -27,10 +27,15 @@ class ImageDecodeError(Exception):
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
-    """16/32-bit integer and float images scaled to 0..255 (Pillow's convert('L') would clip them)."""
+    """16/32-bit integer and float images stretched to 0..255 (Pillow's convert('L') would clip them).
+    A single-valued image has no range to stretch: it keeps its level within the mode's full range."""
     arr = np.asarray(img, dtype=np.float64)
     lo, hi = float(arr.min()), float(arr.max())
-    scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) * (255.0 / (hi - lo))
+    if hi > lo:
+        scaled = (arr - lo) * (255.0 / (hi - lo))
+    else:
+        full = 65535.0 if img.mode.startswith("I;16") else (1.0 if img.mode == "F" and hi <= 1.0 else 255.0)
+        scaled = np.clip(arr * (255.0 / full), 0, 255)
     return Image.fromarray(scaled.round().astype(np.uint8), mode="L")
 
 

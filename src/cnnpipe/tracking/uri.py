@@ -39,4 +39,4 @@ def artifact_location(project_root: Path, experiment: str) -> str:
 
 def mask_secrets(uri: str) -> str:
     """`scheme://user:password@host` -> `scheme://user:***@host`, for anything logged or printed."""
-    return re.sub(r"(://[^/:@]+:)[^/@]+@", r"\1***@", uri)
+    return re.sub(r"(://[^/:@]*:)[^/@]+@", r"\1***@", uri)
