@@ -12,7 +12,7 @@ UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint ui params clean-outputs
+.PHONY: setup run sweep test lint ui params
 
 setup: $(STAMP)
 
@@ -30,6 +30,12 @@ run: $(STAMP)
 	$(BIN)/dvc repro
 	@echo; $(BIN)/dvc metrics show; echo
 	@echo "Compare runs in the MLflow UI: make ui"
+
+# A larger study (conf/sweep/large.yaml: 40 trials, 2 workers) as a DVC experiment: the pipeline re-runs from
+# the sweep on, and `dvc exp show` / the MLflow UI show the result. Extra settings: make sweep SET="-S sweep.n_trials=80"
+sweep: $(STAMP)
+	test -d .git || git init -q
+	$(BIN)/dvc exp run -S sweep=large $(SET)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
