@@ -12,7 +12,7 @@ UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
 PYTEST_ARGS ?=
 
-.PHONY: setup run sweep test lint ui params
+.PHONY: setup run sweep test lint ui params bench
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ sweep: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Benchmarks (not tests): side-by-side ratios, results in bench/results/*.json and docs/benchmarks.md.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src pipelines tests bench

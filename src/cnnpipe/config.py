@@ -24,6 +24,7 @@ MODELS = ("cnn", "cnn_bn", "resnet_small")
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("onecycle", "cosine", "none")
 MONITORS = ("val/acc", "val/loss", "val/f1_macro")
+TEST_METRICS = ("acc", "f1_macro", "precision_macro", "recall_macro", "ece", "loss")
 SAMPLERS = ("tpe", "random", "cmaes", "gp")
 PRUNERS = ("median", "hyperband", "none")
 PARAM_TYPES = ("float", "int", "categorical")
@@ -110,6 +111,10 @@ class TrackingConfig:
     uri: str | None = None
     experiment: str | None = None
     log_model: bool = True
+    register: bool = True
+    registered_model: str | None = None
+    champion_metric: str = "acc"
+    champion_mode: str = "max"
 
 
 @dataclass
@@ -358,6 +363,10 @@ def validate(cfg: Config) -> None:
     _check(tr.num_nodes >= 1, "trainer.num_nodes", ">= 1", tr.num_nodes)
     _check(tr.precision in PRECISIONS, "trainer.precision", f"one of {', '.join(PRECISIONS)}", tr.precision)
     _check(tr.threads >= 0, "trainer.threads", ">= 0", tr.threads)
+    tk = cfg.tracking
+    _check(tk.champion_metric in TEST_METRICS, "tracking.champion_metric", f"one of {', '.join(TEST_METRICS)}",
+           tk.champion_metric)
+    _check(tk.champion_mode in ("min", "max"), "tracking.champion_mode", "min or max", tk.champion_mode)
     validate_sweep(cfg)
 
 
