@@ -239,3 +239,15 @@ def test_two_workers_share_a_postgresql_study(project: Path) -> None:
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 4
     optuna.delete_study(study_name=name, storage=PG_URL)
+
+
+def test_workers_get_their_own_gpu_and_a_share_of_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cnnpipe.tuning.run_sweep import worker_env
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert [worker_env(i, 4, 2)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["0", "1", "0"]
+    assert worker_env(0, 4, 2)["OMP_NUM_THREADS"] == "4"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert [worker_env(i, 1, 2)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == ["3", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert worker_env(0, 1, 0)["CUDA_VISIBLE_DEVICES"] == ""  # no GPUs: left as it was

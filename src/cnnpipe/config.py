@@ -25,6 +25,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("onecycle", "cosine", "none")
 MONITORS = ("val/acc", "val/loss", "val/f1_macro")
 TEST_METRICS = ("acc", "f1_macro", "precision_macro", "recall_macro", "ece", "loss")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "deepspeed")
 SAMPLERS = ("tpe", "random", "cmaes", "gp")
 PRUNERS = ("median", "hyperband", "none")
 PARAM_TYPES = ("float", "int", "categorical")
@@ -94,6 +95,7 @@ class TrainConfig:
     monitor_mode: str = "max"
     early_stopping_patience: int = 0
     deterministic: bool = False
+    resume: str = "auto"
 
 
 @dataclass
@@ -104,6 +106,9 @@ class TrainerConfig:
     strategy: str = "auto"
     precision: str = "auto"
     threads: int = 0
+    scale_lr: str = "none"
+    channels_last: str = "auto"
+    compile: bool = False
 
 
 @dataclass
@@ -350,6 +355,7 @@ def validate(cfg: Config) -> None:
     _check(_finite(t.grad_clip) and t.grad_clip >= 0, "train.grad_clip", ">= 0", t.grad_clip)
     _check(t.monitor in MONITORS, "train.monitor", f"one of {', '.join(MONITORS)}", t.monitor)
     _check(t.monitor_mode in ("min", "max"), "train.monitor_mode", "min or max", t.monitor_mode)
+    _check(t.resume in ("auto", "never"), "train.resume", "auto or never", t.resume)
     _check(t.early_stopping_patience >= 0, "train.early_stopping_patience", ">= 0", t.early_stopping_patience)
 
     tr = cfg.trainer
@@ -363,9 +369,16 @@ def validate(cfg: Config) -> None:
     _check(tr.num_nodes >= 1, "trainer.num_nodes", ">= 1", tr.num_nodes)
     _check(tr.precision in PRECISIONS, "trainer.precision", f"one of {', '.join(PRECISIONS)}", tr.precision)
     _check(tr.threads >= 0, "trainer.threads", ">= 0", tr.threads)
+    _check(tr.channels_last in ("auto", "on", "off"), "trainer.channels_last", "auto, on or off", tr.channels_last)
+    _check(tr.scale_lr in ("none", "linear", "sqrt"), "trainer.scale_lr", "none, linear or sqrt", tr.scale_lr)
+    _check(tr.strategy in STRATEGIES, "trainer.strategy", f"one of {', '.join(STRATEGIES)}", tr.strategy)
     tk = cfg.tracking
-    _check(tk.champion_metric in TEST_METRICS, "tracking.champion_metric", f"one of {', '.join(TEST_METRICS)}",
-           tk.champion_metric)
+    _check(
+        tk.champion_metric in TEST_METRICS,
+        "tracking.champion_metric",
+        f"one of {', '.join(TEST_METRICS)}",
+        tk.champion_metric,
+    )
     _check(tk.champion_mode in ("min", "max"), "tracking.champion_mode", "min or max", tk.champion_mode)
     validate_sweep(cfg)
 

@@ -12,16 +12,18 @@ from cnnpipe.data.store import Split
 class InMemoryDataModule(pl.LightningDataModule):
     """Train and val splits as uint8 tensors; moved to the device once, batched by indexing."""
 
-    def __init__(self, train: Split, val: Split, batch_size: int, seed: int) -> None:
+    def __init__(self, train: Split, val: Split, batch_size: int, seed: int, channels_last: bool = False) -> None:
         super().__init__()
         self.train_split, self.val_split = train, val
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.channels_last = batch_size, seed, channels_last
 
     def _batches(self, split: Split, shuffle: bool) -> TensorBatches:
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         images, labels = torch.from_numpy(split.images), torch.from_numpy(split.labels)
+        if self.channels_last:  # stored NHWC once, so every indexed batch already is
+            images = images.contiguous(memory_format=torch.channels_last)
         # Drop a ragged last training batch only when it could be a single sample (BatchNorm needs 2).
         drop_last = shuffle and (len(labels) // max(world, 1)) % self.batch_size == 1
         batches = TensorBatches(images, labels, self.batch_size, shuffle=shuffle, seed=self.seed, drop_last=drop_last)

@@ -18,6 +18,7 @@ from cnnpipe.errors import DataError
 from cnnpipe.evaluation.metrics import TestMetrics, classification_metrics, predict_logits
 from cnnpipe.evaluation.plots import plot_confusion
 from cnnpipe.models.store import load_model
+from cnnpipe.tracking.registry import register_run_model, registered_model_name
 from cnnpipe.tracking.runs import log_into_run
 
 
@@ -43,6 +44,19 @@ def confusion_records(labels: torch.Tensor, preds: torch.Tensor, classes: list[s
     return [
         {"actual": classes[a], "predicted": classes[p]} for a, p in zip(labels.tolist(), preds.tolist(), strict=True)
     ]
+
+
+def register(cfg: Config, root: Path, run_id: str, metrics: dict[str, float]) -> None:
+    """The train run's model -> a registered version (alias `candidate`), `champion` if it beats the current one."""
+    name = registered_model_name(cfg.tracking.registered_model, cfg.data.name)
+    reg = register_run_model(
+        cfg.tracking.uri, root, run_id, name, metrics, cfg.tracking.champion_metric, cfg.tracking.champion_mode
+    )
+    if reg is None:
+        info("evaluate", f"run {run_id} logged no model (tracking.log_model=false): nothing registered")
+        return
+    role = "candidate and champion" if reg.champion else "candidate"
+    info("evaluate", f"registered {reg.name} version {reg.version} as {role}: {reg.reason}")
 
 
 def run_evaluation(cfg: Config, root: Path) -> dict[str, Any]:
@@ -74,6 +88,8 @@ def run_evaluation(cfg: Config, root: Path) -> dict[str, Any]:
         for name in ("metrics.json", "per_class.csv", "confusion.png", "confusion.json"):
             run.log_artifact(out / name, "eval")
         run.set_tags({"cnnpipe.evaluated": "true"})
+        if cfg.tracking.register:
+            register(cfg, root, run_id, m.summary)
     shown = "  ".join(f"{k} {v:.4f}" for k, v in m.summary.items())
     info("evaluate", f"test ({len(labels)} images): {shown}")
     return m.summary

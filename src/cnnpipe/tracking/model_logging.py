@@ -1,25 +1,93 @@
-"""Log the trained network as an MLflow model with a signature and an input example."""
+"""Log the trained model as an MLflow pyfunc model that takes raw images (see `pyfunc_model`)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torch import nn
+
+import cnnpipe
+from cnnpipe.models.store import SPEC, WEIGHTS
+
+if TYPE_CHECKING:
+    from mlflow.models import ModelSignature
+
+ENTRY = Path(__file__).with_name("pyfunc_entry.py")
+# What the model's code (cnnpipe.serving + models, shipped with the model) imports at inference time.
+RUNTIME_DISTRIBUTIONS = ("torch", "numpy", "pandas", "pillow", "safetensors", "omegaconf", "pyyaml", "mlflow")
 
 
-def log_torch_model(net: nn.Module, example: np.ndarray, name: str = "model") -> str:
-    """Log into the active run; returns the model URI. Input: float32 (N, C, H, W) in [0, 1]."""
-    import mlflow.pytorch
-    from mlflow.models import infer_signature
+def pip_requirements() -> list[str]:
+    """The installed versions, pinned; torch without its local build tag (`2.13.0+cpu` -> `2.13.0`)."""
+    pins = []
+    for dist in RUNTIME_DISTRIBUTIONS:
+        try:
+            pins.append(f"{dist}=={version(dist).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(dist)
+    return pins
 
-    net = net.cpu().eval()
-    with torch.no_grad():
-        out = net(torch.from_numpy(example)).numpy()
-    info = mlflow.pytorch.log_model(
-        net,
-        name=name,
-        signature=infer_signature(example, out),
-        input_example=example,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "cnnpipe"],
-    )
+
+def model_signature(classes: list[str]) -> ModelSignature:
+    """Input: one image per item, of any accepted kind (pixel array, bytes, base64 text): MLflow's schemas
+    cannot express "(N,H,W) or (N,H,W,C) or encoded bytes", so the input is an untyped object tensor and
+    `cnnpipe.serving.images` checks it. Output: class, probability, prob_<class>..., error."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
+
+    from cnnpipe.serving.predictor import PROB_PREFIX
+
+    outputs = [ColSpec("string", "class"), ColSpec("double", "probability")]
+    outputs += [ColSpec("double", f"{PROB_PREFIX}{c}") for c in classes]
+    outputs.append(ColSpec("string", "error", required=False))
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(object), (-1,))]), outputs=Schema(outputs))
+
+
+@contextmanager
+def _quiet_mlflow() -> Iterator[None]:
+    """No artifact progress bars while MLflow reloads the model to check the input example (this call only)."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+def log_image_model(models_dir: Path, example: np.ndarray, name: str = "model") -> str:
+    """Log `models_dir`'s model.safetensors + model.json into the active run; returns the model URI.
+    `example`: a few uint8 (N, C, H, W) training images, kept as the model's input example."""
+    import mlflow.pyfunc
+
+    from cnnpipe.serving.predictor import ImagePredictor
+    from cnnpipe.tracking.pyfunc_model import MODEL_ARTIFACT
+
+    predictor = ImagePredictor.from_folder(models_dir)
+    with tempfile.TemporaryDirectory(prefix="cnnpipe-model-") as tmp:
+        folder = Path(tmp) / MODEL_ARTIFACT
+        folder.mkdir()
+        for file in (WEIGHTS, SPEC):
+            shutil.copy2(models_dir / file, folder / file)
+        with _quiet_mlflow():
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(ENTRY),
+                artifacts={MODEL_ARTIFACT: str(folder)},
+                code_paths=[str(Path(cnnpipe.__file__).parent)],  # the preprocessing travels with the weights
+                signature=model_signature(predictor.classes),
+                input_example=np.ascontiguousarray(example, dtype=np.uint8),
+                pip_requirements=pip_requirements(),
+                metadata={"cnnpipe": {"classes": predictor.classes, "in_shape": predictor.in_shape}},
+            )
     return info.model_uri

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from cnnpipe.data.store import Split
 from cnnpipe.models.factory import build_model, model_spec
 from cnnpipe.training.callbacks import EpochHistory, MetricSink
 from cnnpipe.training.module import ImageClassifier
-from cnnpipe.training.trainer import build_trainer, checkpoint_callback
+from cnnpipe.training.trainer import build_trainer, checkpoint_callback, use_channels_last
 
 
 @dataclass
@@ -36,28 +36,49 @@ def fit(
     meta: dict[str, Any],
     train: Split,
     val: Split,
-    ckpt_dir: Path,
+    ckpt_dir: Path | None,
     sinks: list[MetricSink] | None = None,
     callbacks: list[Callback] | None = None,
     quiet: bool = False,
+    resume_from: Path | None = None,
+    expect_rank: int | None = None,
 ) -> FitResult:
     """Seed once, train for `train.epochs`, then load the checkpoint that was best on `train.monitor`.
-    With `ckpt_dir=None` (sweep trials) nothing is written and the final weights are returned."""
+    With `ckpt_dir=None` (sweep trials) nothing is written and the final weights are returned.
+    `resume_from`: a last.ckpt in `ckpt_dir` to continue from (model, optimiser, scheduler, epoch, best).
+    Ctrl-C / SIGTERM surface as KeyboardInterrupt (Lightning turns them into `sys.exit(1)`)."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     spec = model_spec(cfg.model, meta)
-    module = ImageClassifier(build_model(spec), len(spec["classes"]), cfg.optim, cfg.train.label_smoothing)
-    data = InMemoryDataModule(train, val, cfg.data.batch_size, cfg.seed)
+    module = ImageClassifier(
+        build_model(spec), len(spec["classes"]), cfg.optim, cfg.train.label_smoothing, scale_lr=cfg.trainer.scale_lr
+    )
+    if use_channels_last(cfg):
+        module = module.to(memory_format=torch.channels_last)
+    if cfg.trainer.compile:
+        module.net = torch.compile(module.net)  # type: ignore[assignment]
+    data = InMemoryDataModule(train, val, cfg.data.batch_size, cfg.seed, channels_last=use_channels_last(cfg))
     history = EpochHistory(sinks, quiet=quiet)
     ckpt = None
     if ckpt_dir is not None:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if resume_from is None:
+            for stale in ckpt_dir.glob("*.ckpt"):
+                stale.unlink()
         ckpt = checkpoint_callback(cfg, ckpt_dir)
     trainer = build_trainer(cfg, [history, *([ckpt] if ckpt else []), *(callbacks or [])], root_dir=ckpt_dir)
-    trainer.fit(module, datamodule=data)
+    if expect_rank is not None and trainer.global_rank != expect_rank:
+        raise RuntimeError(f"launch environment says rank {expect_rank}, Lightning says {trainer.global_rank}")
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
+    except SystemExit:
+        if trainer.interrupted:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning set it to SIG_IGN
+            raise KeyboardInterrupt("training interrupted") from None
+        raise
     best_score = best_epoch = None
-    if ckpt is not None and ckpt.best_model_path:
+    if ckpt is not None and ckpt.best_model_path and trainer.is_global_zero:
         state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)
         module.load_state_dict(state["state_dict"])
         best_score = float(ckpt.best_model_score) if ckpt.best_model_score is not None else None
         best_epoch = int(state.get("epoch", -1))
-    return FitResult(module.net.cpu().eval(), spec, history.rows, best_score, best_epoch, trainer)
+    net = getattr(module.net, "_orig_mod", module.net)  # the plain module behind torch.compile
+    return FitResult(net.cpu().eval(), spec, history.rows, best_score, best_epoch, trainer)

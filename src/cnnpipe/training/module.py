@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,6 +12,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from cnnpipe.config import OptimConfig
+from cnnpipe.training.distributed import scaled_lr
 
 
 def build_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -34,10 +36,18 @@ def build_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
 class ImageClassifier(pl.LightningModule):
     """Wraps any logits-producing net; metrics are torchmetrics objects logged per epoch (DDP-correct)."""
 
-    def __init__(self, net: nn.Module, num_classes: int, optim: OptimConfig, label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int,
+        optim: OptimConfig,
+        label_smoothing: float = 0.0,
+        scale_lr: str = "none",
+    ) -> None:
         super().__init__()
         self.net = net
         self.optim_cfg = optim
+        self.scale_lr = scale_lr
         self.label_smoothing = label_smoothing
         self.train_acc = MulticlassAccuracy(num_classes)
         self.val_acc = MulticlassAccuracy(num_classes)
@@ -76,10 +86,11 @@ class ImageClassifier(pl.LightningModule):
         self.log("val/f1_macro", self.val_f1, on_step=False, on_epoch=True)
 
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.parameters(), self.optim_cfg)
+        lr = scaled_lr(self.optim_cfg.lr, self.trainer.world_size, self.scale_lr)
+        optimizer = build_optimizer(self.parameters(), replace(self.optim_cfg, lr=lr))
         if self.optim_cfg.scheduler == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=self.optim_cfg.lr, total_steps=int(self.trainer.estimated_stepping_batches)
+                optimizer, max_lr=lr, total_steps=int(self.trainer.estimated_stepping_batches)
             )
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         if self.optim_cfg.scheduler == "cosine":

@@ -8,7 +8,6 @@ import io
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from cnnpipe.atomic import write_json_atomic, write_text_atomic
@@ -18,11 +17,19 @@ from cnnpipe.data.store import load_meta, load_split
 from cnnpipe.errors import DataError
 from cnnpipe.evaluation.plots import plot_curves
 from cnnpipe.models.store import save_model
-from cnnpipe.tracking.model_logging import log_torch_model
+from cnnpipe.tracking.model_logging import log_image_model
 from cnnpipe.tracking.runs import tracked_run
 from cnnpipe.tracking.tags import run_tags
 from cnnpipe.tracking.uri import mask_secrets
+from cnnpipe.training.distributed import launch_rank
 from cnnpipe.training.fit import fit
+from cnnpipe.training.resume import (
+    HistoryFile,
+    find_resumable,
+    finish_checkpoints,
+    start_checkpoints,
+    weights_dir,
+)
 
 HISTORY_COLUMNS = ("epoch", "train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro", "lr")
 
@@ -85,29 +92,68 @@ def run_training(cfg: Config, root: Path) -> dict[str, Any]:
         "train",
         f"{len(train.labels)} train / {len(val.labels)} val images, model {cfg.model.name}, {cfg.train.epochs} epochs",
     )
-    with tracked_run(cfg.tracking.uri, root, experiment_name(cfg), f"train-{cfg.model.name}", tags) as run:
-        info("train", f"MLflow run {run.run_id} in {mask_secrets(run.uri)}")
-        run.log_params(flatten(as_dict(cfg)))
-        run.log_params(
-            {
-                "data.num_train": len(train.labels),
-                "data.num_val": len(val.labels),
-                "data.num_classes": meta["num_classes"],
-            }
+    ckpt_root = root / cfg.paths.checkpoints
+    resumable = find_resumable(cfg, ckpt_root)
+    rank = launch_rank(cfg.trainer.devices)
+    if rank != 0:
+        # DDP worker: same training, no MLflow run, no outputs (rank 0's checkpoint folder is broadcast).
+        fit(
+            cfg,
+            meta,
+            train,
+            val,
+            weights_dir(resumable.folder if resumable else ckpt_root / "pending"),
+            quiet=True,
+            resume_from=resumable.last_checkpoint if resumable else None,
+            expect_rank=rank,
         )
-        result = fit(cfg, meta, train, val, root / cfg.paths.checkpoints, sinks=[run.log_metrics])
+        return {}
+    with tracked_run(
+        cfg.tracking.uri,
+        root,
+        experiment_name(cfg),
+        f"train-{cfg.model.name}",
+        tags,
+        reopen_run_id=resumable.run_id if resumable else None,
+    ) as run:
+        if resumable:
+            info(
+                "train",
+                f"resuming MLflow run {run.run_id} after epoch {len(resumable.history)} "
+                f"from {resumable.last_checkpoint}",
+            )
+        else:
+            info("train", f"MLflow run {run.run_id} in {mask_secrets(run.uri)}")
+        run.log_params(flatten(as_dict(cfg)), only_new=bool(resumable))
+        counts = {
+            "data.num_train": len(train.labels),
+            "data.num_val": len(val.labels),
+            "data.num_classes": meta["num_classes"],
+        }
+        run.log_params(counts, only_new=bool(resumable))
+        folder = start_checkpoints(cfg, ckpt_root, run.run_id)
+        history = HistoryFile(folder, resumable.history if resumable else [])
+        result = fit(
+            cfg,
+            meta,
+            train,
+            val,
+            weights_dir(folder),
+            sinks=[run.log_metrics, history],
+            resume_from=resumable.last_checkpoint if resumable else None,
+            expect_rank=0,
+        )
 
         save_model(out, result.net, result.spec)
-        write_text_atomic(out / "history.csv", history_csv(result.history))
-        plot_curves(result.history, out / "curves.png")
+        write_text_atomic(out / "history.csv", history_csv(history.rows))
+        plot_curves(history.rows, out / "curves.png")
         write_text_atomic(out / "config.yaml", yaml.safe_dump(as_dict(cfg), sort_keys=False))
         for name in ("curves.png", "history.csv", "config.yaml", "model.json"):
             run.log_artifact(out / name)
         if result.best_score is not None:
             run.log_metrics({f"best/{cfg.train.monitor}": result.best_score}, step=result.best_epoch or 0)
         if cfg.tracking.log_model:
-            example = train.images[:2].astype(np.float32) / 255.0
-            log_torch_model(result.net, example)
+            log_image_model(out, train.images[:2])  # pyfunc over the saved safetensors + spec; raw uint8 in
         summary = {
             "run_id": run.run_id,
             "experiment": experiment_name(cfg),
@@ -117,5 +163,6 @@ def run_training(cfg: Config, root: Path) -> dict[str, Any]:
             "monitor": cfg.train.monitor,
         }
         write_json_atomic(out / "run.json", summary)
+        finish_checkpoints(folder)
     info("train", f"best {cfg.train.monitor} {result.best_score} at epoch {(result.best_epoch or 0) + 1}")
     return summary

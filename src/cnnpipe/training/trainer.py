@@ -22,6 +22,12 @@ def resolve_precision(cfg: Config) -> str:
     return "32-true"
 
 
+def use_channels_last(cfg: Config) -> bool:
+    if cfg.trainer.channels_last != "auto":
+        return cfg.trainer.channels_last == "on"
+    return cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
 def checkpoint_callback(cfg: Config, ckpt_dir: Path) -> ModelCheckpoint:
     return ModelCheckpoint(
         dirpath=ckpt_dir,

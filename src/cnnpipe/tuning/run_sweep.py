@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,15 +29,28 @@ PARENT_ATTR = "cnnpipe.mlflow_parent_run_id"
 BEST_FILE = "best_params.yaml"
 
 
+def worker_env(index: int, threads: int, gpus: int) -> dict[str, str]:
+    """Environment of local worker `index`: its share of CPU threads, and on a machine with several GPUs
+    its own GPU (round robin), so workers never share a device."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if gpus > 1:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
+        env["CUDA_VISIBLE_DEVICES"] = ids[index % len(ids)]
+    return env
+
+
 def _spawn_workers(cfg: Config, root: Path, parent_run_id: str) -> None:
-    """`sweep.workers` local processes on the one study, CPU threads shared out between them."""
+    """`sweep.workers` local processes on the one study, CPU threads (and GPUs) shared out between them."""
+    import torch
+
     threads = max(1, (os.cpu_count() or 1) // cfg.sweep.workers)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     with tempfile.TemporaryDirectory(prefix="cnnpipe-sweep-") as tmp:
         cfg_file = Path(tmp) / "config.yaml"
         tree = as_dict(cfg)
         tree["trainer"]["threads"] = cfg.trainer.threads or threads
         cfg_file.write_text(yaml.safe_dump(tree))
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         procs = [
             subprocess.Popen(
                 [
@@ -52,7 +66,7 @@ def _spawn_workers(cfg: Config, root: Path, parent_run_id: str) -> None:
                     "--parent",
                     parent_run_id,
                 ],
-                env=env,
+                env=worker_env(i, threads, gpus),
             )
             for i in range(cfg.sweep.workers)
         ]
@@ -61,7 +75,7 @@ def _spawn_workers(cfg: Config, root: Path, parent_run_id: str) -> None:
         except KeyboardInterrupt:
             for p in procs:
                 if p.poll() is None:
-                    p.send_signal(2)  # SIGINT: each worker fails and re-queues its running trial
+                    p.send_signal(signal.SIGINT)  # each worker fails and re-queues its running trial
             for p in procs:
                 p.wait()
             raise

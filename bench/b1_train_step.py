@@ -1,0 +1,200 @@
+"""B1: training throughput of cnnpipe's train step vs a hand-written PyTorch loop.
+
+Ours: `cnnpipe.training.fit.fit` with no checkpoint folder and no MLflow sink, i.e. the real `ImageClassifier`
+in the real Lightning `Trainer` from `build_trainer`, fed by `InMemoryDataModule` / `TensorBatches`, with the
+`EpochHistory` callback. Timed: the whole call (model + Trainer construction included, as on both sides).
+Raw: the same net (`cnnpipe.models.factory.build_model`, same seed), the same optimiser and scheduler
+(AdamW + OneCycleLR stepped per batch), the same batches (a seeded permutation per epoch indexing the same
+uint8 tensor), the same per-epoch validation (loss + accuracy, inference mode) and running train loss/accuracy.
+Both sides: digits with the default augmentation (original + 4 copies), batch size 64, same thread count.
+`--data mnist5k` (28x28, augment=none) measures a bigger step; its result is B1-mnist5k (not in run_all).
+`--device cuda` runs both sides on the GPU with bf16 autocast (Lightning's bf16-mixed); its result is B1-cuda.
+
+Run alone: python -m bench.b1_train_step [--quick] [--repeats N] [--threads N] [--epochs N] [--data NAME]
+                                         [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.timing import cli, interleaved, median, paired_ratios, pin_threads, result, spread, stopwatch, write_result
+from bench.workspace import bench_config, prepare_data, quiet
+
+NAME = "B1"
+
+
+def overrides(threads: int, epochs: int, data: str = "digits", device: str = "cpu") -> list[str]:
+    return [
+        f"data={data}",
+        "augment=default" if data == "digits" else "augment=none",
+        "model=cnn",
+        "optim=adamw",
+        "optim.scheduler=onecycle",
+        "data.batch_size=64",
+        f"train.epochs={epochs}",
+        "train.hparams=params",
+        "train.early_stopping_patience=0",
+        f"trainer.accelerator={'cpu' if device == 'cpu' else 'cuda'}",
+        f"trainer.precision={'32-true' if device == 'cpu' else 'bf16-mixed'}",
+        "trainer.devices=1",
+        f"trainer.threads={threads}",
+    ]
+
+
+def train_ours(cfg: Any, meta: dict[str, Any], train: Any, val: Any, out: dict[str, float]) -> float:
+    """The real train path: `cnnpipe.training.fit.fit` builds the ImageClassifier, InMemoryDataModule,
+    EpochHistory and the Trainer from build_trainer; no checkpoint folder (nothing written), no MLflow sink."""
+    from cnnpipe.training.fit import fit
+
+    with stopwatch() as t:
+        res = fit(cfg, meta, train, val, ckpt_dir=None, sinks=None, quiet=True)
+    out["val_acc"], out["train_loss"] = res.history[-1]["val/acc"], res.history[-1]["train/loss"]
+    return t["s"]
+
+
+def train_raw(cfg: Any, meta: dict[str, Any], train: Any, val: Any, out: dict[str, float]) -> float:
+    """A hand-written loop doing the same work: forward, loss, backward, step, scheduler step, running
+    loss/accuracy on the device (read once per epoch), then validation loss/accuracy. On CUDA: data on the
+    device, bf16 autocast around forward + loss (what Lightning's bf16-mixed does)."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    from cnnpipe.models.factory import build_model, model_spec
+
+    device = torch.device("cpu" if cfg.trainer.accelerator == "cpu" else "cuda")
+    bf16 = cfg.trainer.precision == "bf16-mixed"
+
+    def autocast() -> Any:
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    with stopwatch() as t:
+        torch.manual_seed(cfg.seed)  # what fit's pl.seed_everything does for torch: the same initial weights
+        net = build_model(model_spec(cfg.model, meta)).to(device)
+        images, labels = torch.from_numpy(train.images).to(device), torch.from_numpy(train.labels).to(device)
+        val_images, val_labels = torch.from_numpy(val.images).to(device), torch.from_numpy(val.labels).to(device)
+        bs, n, epochs = cfg.data.batch_size, len(labels), cfg.train.epochs
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.optim.lr, total_steps=epochs * math.ceil(n / bs))
+        for epoch in range(epochs):
+            net.train()
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).to(device)
+            loss_sum, correct = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
+            for start in range(0, n, bs):
+                idx = order[start : start + bs]
+                x, y = images[idx].float().div_(255.0), labels[idx]
+                with autocast():
+                    logits = net(x)
+                    loss = F.cross_entropy(logits.float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.detach().argmax(1) == y).sum()
+            out["train_loss"] = float(loss_sum) / n
+            net.eval()
+            with torch.inference_mode():
+                val_loss = torch.zeros((), device=device)
+                val_correct = torch.zeros((), dtype=torch.long, device=device)
+                for start in range(0, len(val_labels), bs):
+                    x, y = val_images[start : start + bs].float().div_(255.0), val_labels[start : start + bs]
+                    with autocast():
+                        logits = net(x)
+                    val_loss += F.cross_entropy(logits.float(), y) * len(y)
+                    val_correct += (logits.argmax(1) == y).sum()
+                out["val_acc"] = float(val_correct) / len(val_labels)
+                out["val_loss"] = float(val_loss) / len(val_labels)
+        net.cpu()  # as fit returns the net on the CPU
+    return t["s"]
+
+
+def run(
+    repeats: int | None = None,
+    quick: bool = False,
+    threads: int = 1,
+    epochs: int | None = None,
+    data: str = "digits",
+    device: str = "cpu",
+) -> dict:
+    repeats = repeats or (5 if quick else 9)
+    epochs = epochs or (2 if quick else 4)
+    name = "-".join([NAME, *([data] if data != "digits" else []), *([device] if device != "cpu" else [])])
+    pin_threads(threads)
+    quiet()
+    cfg = bench_config(overrides(threads, epochs, data, device))
+    with tempfile.TemporaryDirectory(prefix="cnnpipe-bench-b1-") as tmp:
+        meta, train, val = prepare_data(Path(tmp), cfg)
+    n = len(train.labels)
+    last: dict[str, dict[str, float]] = {"ours": {}, "raw": {}}
+    samples = interleaved(
+        {
+            "ours": lambda: train_ours(cfg, meta, train, val, last["ours"]),
+            "raw": lambda: train_raw(cfg, meta, train, val, last["raw"]),
+        },
+        repeats,
+        warmup=1,
+        label=name,
+    )
+    images = epochs * n
+    ours_ips = [images / s for s in samples["ours"]]
+    raw_ips = [images / s for s in samples["raw"]]
+    ratio = median(paired_ratios(ours_ips, raw_ips))
+    details = {
+        "unit": "images/s",
+        "ours_images_per_s": spread(ours_ips),
+        "raw_images_per_s": spread(raw_ips),
+        "ours_fit_s": samples["ours"],
+        "raw_fit_s": samples["raw"],
+        "ratio_per_repeat": paired_ratios(ours_ips, raw_ips),
+        "repeats": repeats,
+        "warmup": 1,
+        "epochs_per_repeat": epochs,
+        "train_images": n,
+        "val_images": len(val.labels),
+        "batch_size": cfg.data.batch_size,
+        "steps_per_epoch": math.ceil(n / cfg.data.batch_size),
+        "model": cfg.model.name,
+        "optimizer": f"{cfg.optim.name} lr={cfg.optim.lr} + {cfg.optim.scheduler}",
+        "seed": cfg.seed,
+        "sanity_last_repeat": last,
+    }
+    record = result(
+        name=name,
+        title="train step throughput",
+        what=f"train images/s, {cfg.model.name} on {'augmented ' if data == 'digits' else ''}{data} "
+        f"({n} img, {'x'.join(map(str, train.images.shape[1:]))}), bs {cfg.data.batch_size}, "
+        f"{epochs} epochs per run incl. validation"
+        + (f", {device} {cfg.trainer.precision}" if device != "cpu" else ""),
+        ours=f"{median(ours_ips):,.0f} img/s (Lightning Trainer)",
+        baseline=f"{median(raw_ips):,.0f} img/s (raw loop)",
+        ratio=ratio,
+        ratio_label="ours/raw",
+        goal_op=">=",
+        goal=0.97,
+        threads=threads,
+        quick=quick,
+        details=details,
+    )
+    write_result(record)
+    return record
+
+
+def _options(parser: Any) -> None:
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per timed run")
+    parser.add_argument("--data", default="digits", help="data config (digits; mnist5k: 28x28, augment=none)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: bf16-mixed on both sides")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = cli(__doc__, argv, _options)
+    run(args.repeats, args.quick, args.threads, args.epochs, args.data, args.device)
+
+
+if __name__ == "__main__":
+    main()

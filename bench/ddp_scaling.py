@@ -1,0 +1,139 @@
+"""B7: DDP scaling on the CPU: 2 processes x 1 thread vs 1 process x 1 thread and 1 process x 2 threads.
+
+Each run is the real train stage, `python pipelines/train.py train.hparams=params ...`, in one temporary
+project copy (prepared and augmented once), each run with its own models/ and checkpoints/ folders:
+- ddp_2x1:    trainer=ddp (Lightning's DDP, gloo), 2 devices, trainer.threads=1, OMP_NUM_THREADS=1,
+              data.batch_size=64 per process (global batch 128);
+- single_1x1: 1 process, trainer.threads=1, OMP_NUM_THREADS=1, data.batch_size=128;
+- single_1x2: 1 process, trainer.threads=2, OMP_NUM_THREADS=2, data.batch_size=128.
+Same model, data, global batch (128), lr, epochs and seed everywhere. The measure is training throughput:
+train images / epoch time, the epoch time being the `epoch_time_s` the run logged to MLflow (rank 0, training +
+validation of one epoch; process start, imports and DDP set-up are not in it), median over epochs 2..E.
+Sides run interleaved after one warm-up run each.
+
+Run alone: python -m bench.ddp_scaling [--quick] [--repeats N] [--epochs N]
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from bench.timing import cli, median, paired_ratios, pin_threads, result, spread, write_result
+from bench.workspace import copy_project, python, run_timed
+
+NAME = "B7"
+GLOBAL_BATCH = 128
+SIDES = {
+    # name: (processes, threads per process, overrides)
+    "ddp_2x1": (
+        2,
+        1,
+        ["trainer=ddp", "trainer.devices=2", "trainer.threads=1", f"data.batch_size={GLOBAL_BATCH // 2}"],
+    ),
+    "single_1x1": (1, 1, ["trainer.devices=1", "trainer.threads=1", f"data.batch_size={GLOBAL_BATCH}"]),
+    "single_1x2": (1, 2, ["trainer.devices=1", "trainer.threads=2", f"data.batch_size={GLOBAL_BATCH}"]),
+}
+
+
+def epoch_times(project: Path, models: str) -> list[float]:
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((project / models / "run.json").read_text())["run_id"]
+    history = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_metric_history(run_id, "epoch_time_s")
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+
+def run(repeats: int | None = None, quick: bool = False, threads: int = 1, epochs: int | None = None) -> dict:
+    repeats = repeats or (2 if quick else 5)
+    epochs = epochs or (2 if quick else 3)
+    pin_threads(threads)  # this process only; each side sets its own threads
+    counter = {"n": 0}
+    with tempfile.TemporaryDirectory(prefix="cnnpipe-bench-b7-") as tmp:
+        project = copy_project(Path(tmp))
+        run_timed([python(), "pipelines/prepare.py"], project, 1)
+        run_timed([python(), "pipelines/augment.py"], project, 1)
+        n_train = int(json.loads((project / "data" / "prepared" / "meta.json").read_text())["counts"]["train"]["total"])
+        n_train *= 1 + int(_param(project, "augment", "copies"))
+
+        def side(name: str) -> float:
+            _, side_threads, overrides = SIDES[name]
+            counter["n"] += 1
+            models, ckpt = f"bench-models-{counter['n']}", f"bench-ckpt-{counter['n']}"
+            cmd = [
+                python(),
+                "pipelines/train.py",
+                "train.hparams=params",
+                f"train.epochs={epochs}",
+                "trainer.accelerator=cpu",
+                "tracking.log_model=false",
+                f"paths.models={models}",
+                f"paths.checkpoints={ckpt}",
+                *overrides,
+            ]
+            wall, _ = run_timed(cmd, project, side_threads)
+            times = epoch_times(project, models)
+            per_epoch = median(times[1:] if len(times) > 1 else times)
+            print(f"[{NAME}] {name}: {n_train / per_epoch:,.0f} img/s ({per_epoch:.3f} s/epoch, run {wall:.1f} s)")
+            return n_train / per_epoch
+
+        for name in SIDES:  # warm-up
+            side(name)
+        samples: dict[str, list[float]] = {name: [] for name in SIDES}
+        for _ in range(repeats):
+            for name in SIDES:
+                samples[name].append(side(name))
+    ddp_vs_1 = paired_ratios(samples["ddp_2x1"], samples["single_1x1"])
+    ddp_vs_2 = paired_ratios(samples["ddp_2x1"], samples["single_1x2"])
+    two_vs_1 = paired_ratios(samples["single_1x2"], samples["single_1x1"])
+    record = result(
+        name=NAME,
+        title="DDP scaling on CPU",
+        what=f"train img/s (epoch time from MLflow), global batch {GLOBAL_BATCH}, DDP 2 proc x 1 thread vs 1 proc x 1 "
+        "thread (also vs 1 x 2 threads)",
+        ours=f"{median(samples['ddp_2x1']):,.0f} img/s (DDP 2x1)",
+        baseline=f"{median(samples['single_1x1']):,.0f} img/s (1x1); {median(samples['single_1x2']):,.0f} img/s (1x2)",
+        ratio=median(ddp_vs_1),
+        ratio_label="DDP 2x1 / 1x1",
+        goal_op=">=",
+        goal=1.0,
+        threads=threads,
+        quick=quick,
+        details={
+            "unit": "images/s",
+            **{f"{name}_images_per_s": spread(v) for name, v in samples.items()},
+            "samples_images_per_s": samples,
+            "ratio_ddp_2x1_over_1x1": median(ddp_vs_1),
+            "ratio_ddp_2x1_over_1x2": median(ddp_vs_2),
+            "ratio_1x2_over_1x1": median(two_vs_1),
+            "repeats": repeats,
+            "warmup": 1,
+            "epochs_per_run": epochs,
+            "train_images": n_train,
+            "global_batch": GLOBAL_BATCH,
+        },
+        notes=[
+            f"1 x 2 threads / 1 x 1 thread: {median(two_vs_1):.2f}; DDP 2x1 / 1x2: {median(ddp_vs_2):.2f}",
+            "the machine's 2 cores are shared with other work: any side using both cores suffers most from it",
+        ],
+    )
+    record["goal"] = "info (no goal set)"
+    record["met"] = None
+    write_result(record)
+    return record
+
+
+def _param(project: Path, section: str, key: str) -> str:
+    import yaml
+
+    return str(yaml.safe_load((project / "params.yaml").read_text())[section][key])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = cli(__doc__, argv, lambda p: p.add_argument("--epochs", type=int, default=None, help="epochs per run"))
+    run(args.repeats, args.quick, args.threads, args.epochs)
+
+
+if __name__ == "__main__":
+    main()

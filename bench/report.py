@@ -1,0 +1,163 @@
+"""Regenerate docs/benchmarks.md from every bench/results/*.json (and bench/findings.md, written by hand).
+
+Run alone: python -m bench.report
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.timing import RESULTS
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks.md"
+FINDINGS = Path(__file__).resolve().parent / "findings.md"
+RUN_FILE = RESULTS / "_run_all.json"  # timings of the last run_all (not a table row)
+ORDER = ["B1", "B2", "B3", "B5", "B7", "B8", "pruning", "GPU"]
+# Rows shown when a benchmark has no result file: why it was not measured.
+NOT_MEASURED = {
+    "B7": (
+        "DDP scaling: 2 processes x 1 thread vs 1 process x 1 and x 2 threads",
+        "not measured yet: run `python -m bench.ddp_scaling` (DDP support is being written; see bench/findings.md)",
+    ),
+    "GPU": ("B1 and B3 on a GPU (bf16, channels_last)", "not measured: no GPU lent to this session"),
+}
+
+
+def load_results() -> dict[str, dict[str, Any]]:
+    out = {}
+    for path in sorted(RESULTS.glob("*.json")):
+        if path.name.startswith("_"):
+            continue
+        record = json.loads(path.read_text())
+        out[record["name"]] = record
+    return out
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _ratio(record: dict[str, Any]) -> str:
+    if record.get("ratio_text"):
+        return record["ratio_text"]
+    ratio = record.get("ratio")
+    return "—" if ratio is None else f"{ratio:.3f}"
+
+
+def _met(record: dict[str, Any]) -> str:
+    met = record.get("met")
+    return "—" if met is None else ("yes" if met else "**no**")
+
+
+def table(results: dict[str, dict[str, Any]]) -> list[str]:
+    results = {k: v for k, v in results.items() if v.get("table", True)}  # B1_profile: details only
+    lines = [
+        "| benchmark | what | ours | baseline | ratio | goal | met? |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    names = [n for n in ORDER if n in results or n in NOT_MEASURED] + sorted(set(results) - set(ORDER))
+    for name in names:
+        r = results.get(name)
+        if r is None:
+            what, why = NOT_MEASURED[name]
+            lines.append(f"| {name} | {_cell(what)} | {_cell(why)} | — | — | — | — |")
+            continue
+        quick = " (quick)" if r.get("quick") else ""
+        lines.append(
+            f"| {name}{quick} | {_cell(r['what'])} | {_cell(r['ours'])} | {_cell(r['baseline'])} | {_ratio(r)} "
+            f"| {_cell(r['goal'])} | {_met(r)} |"
+        )
+    return lines
+
+
+def _machine(m: dict[str, Any]) -> str:
+    return (
+        f"nproc {m.get('nproc')}, {m.get('cpu') or 'cpu ?'}, torch {m.get('torch')}, torch threads "
+        f"{m.get('torch_threads')} (OMP_NUM_THREADS={m.get('omp_num_threads')}), Python {m.get('python')}, "
+        f"GPU {m.get('gpu') or 'none'}, 1-min load average at start {m.get('load_avg_1m_at_start')}"
+    )
+
+
+def _detail_lines(details: dict[str, Any]) -> list[str]:
+    """The scalar facts and medians of a record's details (long sample lists stay in the JSON)."""
+    lines = []
+    for key, value in details.items():
+        if isinstance(value, dict) and set(value) >= {"median", "min", "max"}:
+            lines.append(f"- {key}: median {value['median']:,.4g} (min {value['min']:,.4g}, max {value['max']:,.4g})")
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            shown = f"{value:,.4g}" if isinstance(value, float) else value
+            lines.append(f"- {key}: {shown}")
+        elif isinstance(value, list) and len(value) <= 12 and all(isinstance(v, (int, float)) for v in value):
+            lines.append(f"- {key}: " + ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value))
+    return lines
+
+
+def details(results: dict[str, dict[str, Any]]) -> list[str]:
+    lines = []
+    for name in [n for n in ORDER if n in results] + sorted(set(results) - set(ORDER)):
+        r = results[name]
+        lines += ["", f"### {name}: {r['title']}", "", f"Measured {r['date']} on: {_machine(r['machine'])}.", ""]
+        lines += _detail_lines(r.get("details", {}))
+        for note in r.get("notes", []):
+            lines.append(f"- note: {note}")
+        lines.append(f"- raw data: `bench/results/{name}.json`")
+    return lines
+
+
+def run_summary() -> list[str]:
+    if not RUN_FILE.is_file():
+        return []
+    run = json.loads(RUN_FILE.read_text())
+    parts = ", ".join(f"{k} {v:.0f} s" for k, v in run["seconds"].items())
+    mode = "quick" if run.get("quick") else "full"
+    failed = f" Failed: {', '.join(run['failed'])}." if run.get("failed") else ""
+    return [
+        "",
+        f"Last `make bench` ({mode} settings, {run['date']}): {run['total_s'] / 60:.1f} min in total ({parts})."
+        + failed,
+    ]
+
+
+def render() -> str:
+    results = load_results()
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `make bench` (`python -m bench.run_all`) from `bench/results/*.json`; do not edit by hand",
+        "(hand-written findings live in `bench/findings.md` and are included below). Benchmarks are not tests:",
+        "nothing in tests/ asserts a timing.",
+        "",
+        "Method: each comparison runs its two sides interleaved (A, B, A, B, ...) after a warm-up of each side,",
+        "with the same model, data, batch size, thread count and seed on both sides; the ratio is the median of the",
+        "per-repeat ratios, next to each side's median. The machine is shared (other people's tests run on the same",
+        "2 cores), so single numbers move by 5-30 %; the interleaving is what keeps the ratios meaningful.",
+        "Benchmarks pin 1 torch/OpenMP thread per process unless they say otherwise (`--threads N`).",
+        "",
+        *table(results),
+        *run_summary(),
+        "",
+        "Run: `make bench` (all, ~20 min), `make bench BENCH_ARGS='--only B1,B2'`, `BENCH_ARGS=--quick` (smoke test),",
+        "or one alone: `python -m bench.b1_train_step`, `bench.b2_augment`, `bench.b3_time_to_accuracy`,",
+        "`bench.b5_mlflow_logging`, `bench.b8_noop_repro`, `bench.pruning`, `bench.ddp_scaling`;",
+        "`python -m bench.b1_profile` profiles B1's train step; `python -m bench.report` rebuilds this page.",
+    ]
+    if FINDINGS.is_file():
+        lines += ["", FINDINGS.read_text().rstrip()]
+    lines += ["", "## Details", *details(results), ""]
+    return "\n".join(lines)
+
+
+def write() -> Path:
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    tmp = DOC.with_suffix(".md.tmp")
+    tmp.write_text(render())
+    tmp.replace(DOC)
+    print(f"[report] wrote {DOC}")
+    return DOC
+
+
+if __name__ == "__main__":
+    write()

@@ -1,0 +1,58 @@
+"""Predict a folder of images -> predictions.csv (file, class, probability, error).
+
+Usage: python pipelines/predict.py IMAGES [--model SOURCE] [--out predictions.csv]
+SOURCE: models:/NAME@ALIAS (default: models:/cnnpipe-<data.name>@champion), models:/NAME/VERSION, runs:/RUN/model,
+a train run id, or a local models folder (models/). Not a DVC stage: a tool for the model the pipeline made.
+"""
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from cnnpipe.config import find_project_root
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.serving.predict import run_predict
+from cnnpipe.stage import EXIT_INTERRUPTED, EXIT_USER_ERROR, quiet_library_noise
+
+PROG = "cnnpipe predict"
+
+
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("images", type=Path, help="folder of images (searched recursively)")
+    parser.add_argument("--model", default=None, help="model URI, train run id, or models folder (default: champion)")
+    parser.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per model call (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    return args
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars on the terminal
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    quiet_library_noise()
+    try:
+        try:
+            root: Path | None = find_project_root(Path(__file__).resolve().parent)
+        except CnnpipeError:
+            root = None  # a copied script: a local models folder still works
+        run_predict(args.images.expanduser(), args.out, args.model, root, args.batch_size)
+    except CnnpipeError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,145 @@
+"""A folder of images -> predictions.csv (file, class, probability, error), with a saved or registered model.
+
+The model is any of: a local models folder (model.safetensors + model.json, no MLflow involved), a train run id,
+or an MLflow model URI (`models:/cnnpipe-digits@champion`, the default). Every image goes to the model as its
+file's bytes, so the folder, the registry and `mlflow models serve` all decode it the same way. An image that
+cannot be read or decoded gets a row with its reason, not an abort.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cnnpipe.atomic import write_text_atomic
+from cnnpipe.config import Config
+from cnnpipe.data.images import IMAGE_SUFFIXES
+from cnnpipe.errors import DataError
+from cnnpipe.serving.predictor import ImagePredictor
+
+COLUMNS = ("file", "class", "probability", "error")
+CHAMPION = "champion"
+
+PredictFn = Callable[[list[bytes]], pd.DataFrame]
+
+
+@dataclass
+class PredictReport:
+    images: int
+    unreadable: int
+    out: Path
+
+
+def default_model_uri(cfg: Config) -> str:
+    """The champion of the configured dataset's registered model."""
+    from cnnpipe.tracking.registry import registered_model_name
+
+    return f"models:/{registered_model_name(cfg.tracking.registered_model, cfg.data.name)}@{CHAMPION}"
+
+
+def is_model_uri(source: str) -> bool:
+    return source.startswith(("models:/", "runs:/"))
+
+
+def load_predict_fn(source: str, cfg: Config | None, root: Path | None) -> PredictFn:
+    """`source`: an MLflow model URI, a train run id, or a local models folder. `cfg` and `root` (the
+    project) give the tracking URI; a local folder needs neither."""
+    folder = Path(source).expanduser()
+    if not is_model_uri(source) and folder.is_dir():
+        return ImagePredictor.from_folder(folder).predict
+    from cnnpipe.tracking.registry import RUN_ID, load_pyfunc
+
+    if not (is_model_uri(source) or RUN_ID.match(source)):
+        raise DataError(f"{source}: not a models folder, a run id or a models:/ or runs:/ URI")
+    if cfg is None or root is None:
+        raise DataError(f"{source}: loading from MLflow needs a cnnpipe project (params.yaml) for the tracking URI")
+    model = load_pyfunc(source, cfg.tracking.uri, root)
+    # The pyfunc's signature is one object tensor: one item (here: a file's bytes) per image.
+    return lambda blobs: model.predict(np.array(blobs, dtype=object))
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursive, sorted by relative path; hidden files and folders and other
+    suffixes are skipped (as prepare does)."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [
+            Path(dirpath) / name
+            for name in sorted(filenames)
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+        ]
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def predict_folder(folder: Path, predict: PredictFn, out: Path, batch_size: int = 256) -> PredictReport:
+    """Predict every image under `folder` in batches; write `out` atomically (all rows or nothing)."""
+    files = image_files(folder)
+    if not files:
+        raise DataError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    rows: list[dict[str, object]] = []
+    for start in range(0, len(files), batch_size):
+        rows += _predict_batch(folder, files[start : start + batch_size], predict)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(out, buf.getvalue())
+    return PredictReport(len(rows), sum(1 for r in rows if r["error"]), out)
+
+
+def _predict_batch(folder: Path, files: list[Path], predict: PredictFn) -> list[dict[str, object]]:
+    names = [f.relative_to(folder).as_posix() for f in files]
+    blobs: list[bytes] = []
+    read_errors: dict[int, str] = {}
+    for i, path in enumerate(files):
+        try:
+            blobs.append(path.read_bytes())
+        except OSError as exc:
+            read_errors[i] = f"cannot read: {exc.strerror or exc}"
+            blobs.append(b"")
+    frame = predict(blobs)
+    rows = []
+    for i, (name, rec) in enumerate(zip(names, frame.to_dict(orient="records"), strict=True)):
+        error = read_errors.get(i) or rec.get("error")
+        ok = error is None or bool(pd.isna(error))
+        rows.append(
+            {
+                "file": name,
+                "class": rec["class"] if ok else "",
+                "probability": f"{float(rec['probability']):.6f}" if ok else "",
+                "error": "" if ok else str(error),
+            }
+        )
+    return rows
+
+
+def run_predict(images: Path, out: Path, model: str | None, root: Path | None, batch_size: int = 256) -> PredictReport:
+    """What `pipelines/predict.py` does: resolve the model (default: the configured dataset's champion),
+    predict the folder, write `out`, say what happened on stderr."""
+    from cnnpipe.config import load_config
+    from cnnpipe.console import info, warn
+
+    if not images.is_dir():  # before loading any model: the cheap mistake first
+        raise DataError(f"{images}: not a folder")
+    local = model is not None and not is_model_uri(model) and Path(model).expanduser().is_dir()
+    cfg = None if local or root is None else load_config([], root=root)
+    if model is None:
+        if cfg is None:
+            raise DataError("no --model given and no cnnpipe project (params.yaml) to find the champion in")
+        model = default_model_uri(cfg)
+    predict = load_predict_fn(model, cfg, root)
+    report = predict_folder(images, predict, out, batch_size)
+    info("predict", f"{report.images} image(s) -> {out} (model {model})")
+    if report.unreadable:
+        warn("predict", f"{report.unreadable} unreadable image(s): rows with an error in {out}")
+    return report
