@@ -170,7 +170,7 @@ def run(
         what=f"train images/s, {cfg.model.name} on {'augmented ' if data == 'digits' else ''}{data} "
         f"({n} img, {'x'.join(map(str, train.images.shape[1:]))}), bs {cfg.data.batch_size}, "
         f"{epochs} epochs per run incl. validation"
-        + (f", {device} {cfg.trainer.precision}" if device != "cpu" else ""),
+        + (f", {device} {cfg.trainer.precision} ({_gpu_name()})" if device != "cpu" else ""),
         ours=f"{median(ours_ips):,.0f} img/s (Lightning Trainer)",
         baseline=f"{median(raw_ips):,.0f} img/s (raw loop)",
         ratio=ratio,
@@ -183,6 +183,12 @@ def run(
     )
     write_result(record)
     return record
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
 
 
 def _options(parser: Any) -> None:

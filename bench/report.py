@@ -22,8 +22,17 @@ NOT_MEASURED = {
         "DDP scaling: 2 processes x 1 thread vs 1 process x 1 and x 2 threads",
         "not measured yet: run `python -m bench.ddp_scaling` (DDP support is being written; see bench/findings.md)",
     ),
-    "GPU": ("B1 and B3 on a GPU (bf16, channels_last)", "not measured: no GPU lent to this session"),
+    "GPU": ("B1 on a GPU (bf16-mixed)", "not measured: no GPU lent to this session (`--device cuda` where one is)"),
 }
+
+
+def ordered(names: set[str]) -> list[str]:
+    """ORDER first, each followed by its variants (B1-mnist5k, B1-cuda after B1), then anything else."""
+    out: list[str] = []
+    for base in ORDER:
+        out += [n for n in [base] if n in names]
+        out += sorted(n for n in names if n.startswith(f"{base}-") or n.startswith(f"{base}_"))
+    return out + sorted(names - set(out))
 
 
 def load_results() -> dict[str, dict[str, Any]]:
@@ -58,8 +67,10 @@ def table(results: dict[str, dict[str, Any]]) -> list[str]:
         "| benchmark | what | ours | baseline | ratio | goal | met? |",
         "|---|---|---|---|---|---|---|",
     ]
-    names = [n for n in ORDER if n in results or n in NOT_MEASURED] + sorted(set(results) - set(ORDER))
-    for name in names:
+    placeholders = {n for n in NOT_MEASURED if n not in results}
+    if any(r["machine"].get("gpu") for r in results.values()):
+        placeholders.discard("GPU")
+    for name in ordered(set(results) | placeholders):
         r = results.get(name)
         if r is None:
             what, why = NOT_MEASURED[name]
@@ -81,23 +92,26 @@ def _machine(m: dict[str, Any]) -> str:
     )
 
 
-def _detail_lines(details: dict[str, Any]) -> list[str]:
+def _detail_lines(details: dict[str, Any], prefix: str = "") -> list[str]:
     """The scalar facts and medians of a record's details (long sample lists stay in the JSON)."""
     lines = []
-    for key, value in details.items():
+    for name, value in details.items():
+        key = f"{prefix}{name}"
         if isinstance(value, dict) and set(value) >= {"median", "min", "max"}:
             lines.append(f"- {key}: median {value['median']:,.4g} (min {value['min']:,.4g}, max {value['max']:,.4g})")
         elif isinstance(value, (int, float, str, bool)) or value is None:
             shown = f"{value:,.4g}" if isinstance(value, float) else value
             lines.append(f"- {key}: {shown}")
-        elif isinstance(value, list) and len(value) <= 12 and all(isinstance(v, (int, float)) for v in value):
+        elif isinstance(value, list) and len(value) <= 12 and all(isinstance(v, (int, float, str)) for v in value):
             lines.append(f"- {key}: " + ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value))
+        elif isinstance(value, dict) and not prefix:
+            lines += _detail_lines(value, f"{key}.")
     return lines
 
 
 def details(results: dict[str, dict[str, Any]]) -> list[str]:
     lines = []
-    for name in [n for n in ORDER if n in results] + sorted(set(results) - set(ORDER)):
+    for name in ordered(set(results)):
         r = results[name]
         lines += ["", f"### {name}: {r['title']}", "", f"Measured {r['date']} on: {_machine(r['machine'])}.", ""]
         lines += _detail_lines(r.get("details", {}))

@@ -211,3 +211,39 @@ def test_bad_config_is_one_line_exit_2_nothing_written(tmp_path: Path, override:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0] and lines[0].startswith("cnnpipe prepare: error:")
     assert not (project / "data").exists() or not any((project / "data").iterdir())
+
+
+def test_dvc_plots_metrics_and_params_across_commits(repro_project: Path) -> None:
+    plots = json.loads(dvc("plots", "show", "--json", cwd=repro_project).stdout)["data"]
+    assert {"training curves", "eval/confusion.json", "eval/confusion.png", "models/curves.png"} <= set(plots)
+    assert plots["training curves"][0]["type"] == "vega" and plots["eval/confusion.json"][0]["type"] == "vega"
+    epochs = {row["epoch"] for row in plots["training curves"][0]["content"]["data"]["values"]}
+    assert epochs == set(range(len(epochs))) and epochs
+    # HEAD~1 is the project as copied (default params, no metrics); HEAD is after the shortened repro.
+    params = json.loads(dvc("params", "diff", "HEAD~1", "--json", cwd=repro_project).stdout)["params.yaml"]
+    assert params["sweep.n_trials"] == {"old": 8, "new": 2}
+    metrics = json.loads(dvc("metrics", "diff", "HEAD~1", "--json", cwd=repro_project).stdout)
+    assert "test.acc" in metrics["eval/metrics.json"]
+    shown = json.loads(dvc("exp", "show", "--json", cwd=repro_project).stdout)
+    experiments = [e for rev in shown for e in (rev.get("experiments") or [])]
+    assert experiments, "dvc exp show lists the experiment run by test_dvc_exp_run_composes_hydra_overrides"
+
+
+def test_queued_experiment_runs_in_a_temp_copy_and_logs_to_the_project_store(repro_project: Path) -> None:
+    client = MlflowClient(f"sqlite:///{repro_project / 'mlflow.db'}")
+    before = {r.info.run_id for r in runs_by_stage(client, "train")}
+    sets = [*SHORT, "sweep.n_trials=1", "sweep.space.epochs.low=1", "sweep.space.epochs.high=1", "optim.lr=0.0025"]
+    dvc("exp", "run", "--queue", *[arg for s in sets for arg in ("-S", s)], cwd=repro_project)
+    dvc("queue", "start", cwd=repro_project)
+    deadline = time.monotonic() + 420
+    while time.monotonic() < deadline:
+        status = dvc("queue", "status", cwd=repro_project).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    dvc("queue", "stop", "--kill", cwd=repro_project, check=False)
+    assert "Success" in status, status
+    new = [r for r in runs_by_stage(client, "train") if r.info.run_id not in before]
+    assert len(new) == 1 and float(new[0].data.params["optim.lr"]) > 0
+    assert not (Path(new[0].info.artifact_uri.removeprefix("file://")).is_relative_to(repro_project / ".dvc"))
+    assert not list((repro_project / ".dvc").rglob("mlflow.db"))  # no stray store inside DVC's temp copies

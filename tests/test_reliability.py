@@ -76,7 +76,7 @@ def test_sigterm_marks_run_killed_and_resume_continues_the_same_run(project: Pat
         train_cmd(*args), cwd=project, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     wait_for(
-        lambda: any((project / "ckpt-resume").glob("*/last.ckpt")) or proc.poll() is not None,
+        lambda: any((project / "ckpt-resume").rglob("last.ckpt")) or proc.poll() is not None,
         what="the first checkpoint",
     )
     time.sleep(0.5)
@@ -100,13 +100,13 @@ def test_sigterm_marks_run_killed_and_resume_continues_the_same_run(project: Pat
     history = (project / "models-resume" / "history.csv").read_text().splitlines()
     assert len(history) == 31  # every epoch, from before and after the interruption
     assert json.loads((project / "models-resume" / "run.json").read_text())["run_id"] == run.info.run_id
-    assert not any((project / "ckpt-resume").glob("*/last.ckpt"))  # cleaned up after success
+    assert not any((project / "ckpt-resume").rglob("last.ckpt"))  # cleaned up after success
 
 
 def test_resume_never_starts_a_new_run(project: Path) -> None:
     uri, client = store(project, "never")
     args = (uri, "paths.checkpoints=ckpt-never", "paths.models=models-never", "train.epochs=2")
-    folder = project / "ckpt-never" / "stale"
+    folder = project / "ckpt-never" / "stale" / "lightning"
     folder.mkdir(parents=True)
     (folder / "last.ckpt").write_bytes(b"not a checkpoint")
     assert train(project, *args, "train.resume=never").returncode == 0

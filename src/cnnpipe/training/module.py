@@ -86,7 +86,8 @@ class ImageClassifier(pl.LightningModule):
         self.log("val/f1_macro", self.val_f1, on_step=False, on_epoch=True)
 
     def configure_optimizers(self) -> Any:
-        lr = scaled_lr(self.optim_cfg.lr, self.trainer.world_size, self.scale_lr)
+        world_size = self._trainer.world_size if self._trainer is not None else 1
+        lr = scaled_lr(self.optim_cfg.lr, world_size, self.scale_lr)
         optimizer = build_optimizer(self.parameters(), replace(self.optim_cfg, lr=lr))
         if self.optim_cfg.scheduler == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
