@@ -3,8 +3,9 @@
 1. cProfile of `cnnpipe.training.fit.fit` (the B1 "ours" side): cumulative seconds in `LightningModule.log`,
    in torchmetrics updates, in Lightning's hook dispatch, and in the actual compute (forward, backward, AdamW).
 2. Interleaved A/B/C: the current fit vs the same Trainer with a *proposed* ImageClassifier (a subclass defined
-   here, not in src/: per-step `self.log` replaced by metric updates logged once on the last batch, torchmetrics
-   argument validation off) vs the raw loop of B1. Same data, config, seed and threads on all sides.
+   here, not in src/: per step only `train_acc.update` and a loss sum on the device; `train/loss` and `train/acc`
+   logged once, on the epoch's last batch; torchmetrics argument validation off) vs the raw loop of B1.
+   Same data, config, seed and threads on all sides. The logged values equal the current ones exactly.
 
 Run: python -m bench.b1_profile [--repeats N] [--threads N] [--epochs N] [--data digits|mnist5k] [--device cpu|cuda]
 Writes bench/results/B1_profile.json (shown under B1's details in docs/benchmarks.md, not as a table row).
@@ -28,7 +29,7 @@ NAME = "B1_profile"
 
 def proposed_module_class() -> type:
     """ImageClassifier as proposed for src/cnnpipe/training/module.py (see bench/findings.md)."""
-    from torchmetrics import MeanMetric
+    import torch
     from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
     from cnnpipe.training.module import ImageClassifier
@@ -39,16 +40,20 @@ def proposed_module_class() -> type:
             self.train_acc = MulticlassAccuracy(num_classes, validate_args=False)
             self.val_acc = MulticlassAccuracy(num_classes, validate_args=False)
             self.val_f1 = MulticlassF1Score(num_classes, average="macro", validate_args=False)
-            self.train_loss = MeanMetric(nan_strategy="disable")  # keeps NaN visible for NonFiniteLoss
+
+        def on_train_epoch_start(self) -> None:
+            self.loss_sum, self.seen = torch.zeros((), device=self.device), 0
 
         def training_step(self, batch: Any, batch_idx: int) -> Any:
             x, y = batch
             logits = self(x)
             loss = self._loss(logits, y)
-            self.train_acc.update(logits, y)
-            self.train_loss.update(loss.detach(), y.shape[0])
-            if self.trainer.is_last_batch:  # one log per epoch; the metric objects hold the whole epoch
-                self.log("train/loss", self.train_loss, on_step=False, on_epoch=True)
+            self.train_acc.update(logits, y)  # update only: no per-batch compute, no per-step self.log
+            self.loss_sum += loss.detach() * y.shape[0]  # on the device: no host sync per step
+            self.seen += y.shape[0]
+            if self.trainer.is_last_batch:  # log once per epoch, before the callbacks' on_train_epoch_end
+                # DDP: ranks hold equal-sized shards, so the mean of the rank means is the global mean
+                self.log("train/loss", self.loss_sum / self.seen, on_step=False, on_epoch=True, sync_dist=True)
                 self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
             return loss
 

@@ -8,10 +8,13 @@ a child MLflow run per trial, into a temporary SQLite store). Data: digits with 
 seed 42, shared by every study). Epochs a trial consumed = the number of intermediate values it reported.
 
 Measure (per seed): epochs consumed, trial by trial in order, until the study's best completed trial is within
-0.2 points (0.002 accuracy) of the unpruned study's best value; ratio = unpruned epochs / pruned epochs
-(goal >= 2). Also reported: total epochs of each whole study and its best value.
+0.2 points (0.002 accuracy) of the unpruned study's best value; ratio = unpruned epochs / pruned epochs, 0 when
+the pruned study never gets there (goal: median over seeds >= 2). Also reported: total epochs of each whole
+study and its best value.
 
-Run alone: python -m bench.pruning [--quick] [--repeats N (seeds)] [--threads N] [--trials N]
+Run alone: python -m bench.pruning [--quick] [--repeats N (seeds)] [--threads N] [--trials N] [--set KEY=VALUE]...
+(with --set, e.g. `--set sweep.space.epochs.low=16 --set sweep.space.epochs.high=16`, the result is
+`pruning-variant`, shown as its own row.)
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ TOLERANCE = 0.002
 BASE_SEED = 42
 
 
-def study_overrides(seed: int, pruner: str, n_trials: int, root: Path, threads: int, tag: str) -> list[str]:
+def study_overrides(
+    seed: int, pruner: str, n_trials: int, root: Path, threads: int, tag: str, extra: list[str] | None = None
+) -> list[str]:
     return [
         "augment=none",
         f"seed={seed}",
@@ -44,6 +49,7 @@ def study_overrides(seed: int, pruner: str, n_trials: int, root: Path, threads: 
         f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
         "trainer.accelerator=cpu",
         f"trainer.threads={threads}",
+        *(extra or []),
     ]
 
 
@@ -93,8 +99,16 @@ def epochs_to_target(trials: list[dict[str, Any]], target: float) -> int | None:
     return None
 
 
-def run(repeats: int | None = None, quick: bool = False, threads: int = 1, n_trials: int | None = None) -> dict:
+def run(
+    repeats: int | None = None,
+    quick: bool = False,
+    threads: int = 1,
+    n_trials: int | None = None,
+    extra: list[str] | None = None,
+) -> dict:
+    """`extra`: config overrides for both sides (a variant; its result is `pruning-variant`, not `pruning`)."""
     seeds = repeats or 3
+    name = f"{NAME}-variant" if extra else NAME
     n_trials = n_trials or (4 if quick else 8)
     pin_threads(threads)
     quiet()
@@ -105,13 +119,13 @@ def run(repeats: int | None = None, quick: bool = False, threads: int = 1, n_tri
     per_seed = []
     with tempfile.TemporaryDirectory(prefix="cnnpipe-bench-pruning-") as tmp_name:
         root = Path(tmp_name)
-        base = bench_config(study_overrides(BASE_SEED, "median", n_trials, root, threads, tag))
+        base = bench_config(study_overrides(BASE_SEED, "median", n_trials, root, threads, tag, extra))
         prepare_data(root, base)
         space = {k: asdict(v) for k, v in base.sweep.space.items()}
         for i in range(seeds):
             seed = BASE_SEED + i
-            pruned = run_study(bench_config(study_overrides(seed, "median", n_trials, root, threads, tag)), root)
-            unpruned = run_study(bench_config(study_overrides(seed, "none", n_trials, root, threads, tag)), root)
+            pruned = run_study(bench_config(study_overrides(seed, "median", n_trials, root, threads, tag, extra)), root)
+            unpruned = run_study(bench_config(study_overrides(seed, "none", n_trials, root, threads, tag, extra)), root)
             if unpruned["best_value"] is None:
                 raise RuntimeError(f"seed {seed}: no trial of the unpruned study completed")
             target = unpruned["best_value"] - TOLERANCE
@@ -131,7 +145,7 @@ def run(repeats: int | None = None, quick: bool = False, threads: int = 1, n_tri
                 }
             )
             print(
-                f"[{NAME}] seed {seed}: target {target:.4f}; epochs to target pruned {e_pruned} / unpruned "
+                f"[{name}] seed {seed}: target {target:.4f}; epochs to target pruned {e_pruned} / unpruned "
                 f"{e_unpruned} (x{ratio:.2f}); whole study {pruned['total_epochs']} / {unpruned['total_epochs']} "
                 f"epochs, best {pruned['best_value']} / {unpruned['best_value']}",
                 flush=True,
@@ -139,15 +153,15 @@ def run(repeats: int | None = None, quick: bool = False, threads: int = 1, n_tri
     ratio = median([s["ratio"] for s in per_seed])
     e_p = [s["epochs_to_target_pruned"] for s in per_seed]
     e_u = [s["epochs_to_target_unpruned"] for s in per_seed]
-    reached = [e for e in e_p if e is not None]
+    shown_p = ", ".join("never" if e is None else str(e) for e in e_p)
+    shown_u = ", ".join(str(e) for e in e_u)
     record = result(
-        name=NAME,
+        name=name,
         title="sweep pruning (median pruner)",
         what=f"epochs until best trial within {TOLERANCE} of the unpruned best; default sweep config, "
-        f"{n_trials} trials, augment=none, {seeds} seeds",
-        ours=f"{median(reached) if reached else float('nan'):.0f} epochs (median pruner; "
-        f"{len(reached)}/{len(e_p)} seeds reached)",
-        baseline=f"{median([e for e in e_u if e is not None]):.0f} epochs (no pruning)",
+        f"{n_trials} trials, augment=none, {seeds} seeds" + (f"; variant: {' '.join(extra)}" if extra else ""),
+        ours=f"{shown_p} epochs (median pruner, per seed; whole studies {_totals(per_seed, 'pruned')})",
+        baseline=f"{shown_u} epochs (no pruning; whole studies {_totals(per_seed, 'unpruned')})",
         ratio=ratio,
         ratio_label="unpruned/pruned",
         goal_op=">=",
@@ -184,9 +198,18 @@ def run(repeats: int | None = None, quick: bool = False, threads: int = 1, n_tri
     return record
 
 
+def _totals(per_seed: list[dict[str, Any]], side: str) -> str:
+    return ", ".join(str(s[side]["total_epochs"]) for s in per_seed)
+
+
+def _options(parser: Any) -> None:
+    parser.add_argument("--trials", type=int, default=None, help="trials per study")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for both sides")
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = cli(__doc__, argv, lambda p: p.add_argument("--trials", type=int, default=None, help="trials per study"))
-    run(args.repeats, args.quick, args.threads, args.trials)
+    args = cli(__doc__, argv, _options)
+    run(args.repeats, args.quick, args.threads, args.trials, args.set)
 
 
 if __name__ == "__main__":

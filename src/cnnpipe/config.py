@@ -73,6 +73,8 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [128])
     dropout: float = 0.0
     batch_norm: bool = False
+    init_from: str | None = None
+    freeze_epochs: int = 0
 
 
 @dataclass
@@ -335,6 +337,13 @@ def validate(cfg: Config) -> None:
     _check(m.convs_per_block >= 1, "model.convs_per_block", ">= 1", m.convs_per_block)
     _check(all(h >= 1 for h in m.hidden), "model.hidden", "a list of positive widths", m.hidden)
     _check(_finite(m.dropout) and 0 <= m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
+    _check(m.freeze_epochs >= 0, "model.freeze_epochs", ">= 0", m.freeze_epochs)
+    _check(
+        not m.freeze_epochs or bool(m.init_from),
+        "model.freeze_epochs",
+        "0 unless model.init_from is set",
+        m.freeze_epochs,
+    )
 
     o = cfg.optim
     _check(o.name in OPTIMIZERS, "optim.name", f"one of {', '.join(OPTIMIZERS)}", o.name)

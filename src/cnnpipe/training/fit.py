@@ -17,6 +17,8 @@ from cnnpipe.data.datamodule import InMemoryDataModule
 from cnnpipe.data.store import Split
 from cnnpipe.models.factory import build_model, model_spec
 from cnnpipe.training.callbacks import EpochHistory, MetricSink
+from cnnpipe.training.finetune import FreezeBackbone
+from cnnpipe.training.init_from import initialise_from
 from cnnpipe.training.module import ImageClassifier
 from cnnpipe.training.trainer import build_trainer, checkpoint_callback, use_channels_last
 
@@ -42,6 +44,7 @@ def fit(
     quiet: bool = False,
     resume_from: Path | None = None,
     expect_rank: int | None = None,
+    root: Path | None = None,
 ) -> FitResult:
     """Seed once, train for `train.epochs`, then load the checkpoint that was best on `train.monitor`.
     With `ckpt_dir=None` (sweep trials) nothing is written and the final weights are returned.
@@ -49,8 +52,12 @@ def fit(
     Ctrl-C / SIGTERM surface as KeyboardInterrupt (Lightning turns them into `sys.exit(1)`)."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     spec = model_spec(cfg.model, meta)
+    net = build_model(spec)
+    if cfg.model.init_from and resume_from is None:  # a resumed run's checkpoint already holds the weights
+        initialise_from(net, cfg, root or Path.cwd())
+    callbacks = [*(callbacks or []), *([FreezeBackbone(cfg.model.freeze_epochs)] if cfg.model.freeze_epochs else [])]
     module = ImageClassifier(
-        build_model(spec), len(spec["classes"]), cfg.optim, cfg.train.label_smoothing, scale_lr=cfg.trainer.scale_lr
+        net, len(spec["classes"]), cfg.optim, cfg.train.label_smoothing, scale_lr=cfg.trainer.scale_lr
     )
     if use_channels_last(cfg):
         module = module.to(memory_format=torch.channels_last)

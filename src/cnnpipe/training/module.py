@@ -63,7 +63,7 @@ class ImageClassifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = self._loss(logits, y)
-        self.train_acc(logits, y)
+        self.train_acc.update(logits, y)  # update only: the per-batch value of __call__ is never used
         # on_step=False: values accumulate on the device and are read once per epoch (no per-step sync).
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=y.shape[0], sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
@@ -72,8 +72,8 @@ class ImageClassifier(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
-        self.val_acc(logits, y)
-        self.val_f1(logits, y)
+        self.val_acc.update(logits, y)
+        self.val_f1.update(logits, y)
         self.log(
             "val/loss",
             self._loss(logits, y),

@@ -106,6 +106,7 @@ def run_training(cfg: Config, root: Path) -> dict[str, Any]:
             quiet=True,
             resume_from=resumable.last_checkpoint if resumable else None,
             expect_rank=rank,
+            root=root,
         )
         return {}
     with tracked_run(
@@ -142,6 +143,7 @@ def run_training(cfg: Config, root: Path) -> dict[str, Any]:
             sinks=[run.log_metrics, history],
             resume_from=resumable.last_checkpoint if resumable else None,
             expect_rank=0,
+            root=root,
         )
 
         save_model(out, result.net, result.spec)

@@ -81,6 +81,7 @@ class TrialObjective:
                     sinks=[run.log_metrics],
                     callbacks=[pruning],
                     quiet=True,
+                    root=self.root,
                 )
                 pruning.check_pruned()
                 value = best_value(result.history, cfg.sweep.metric, cfg.sweep.direction)
