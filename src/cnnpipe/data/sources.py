@@ -18,6 +18,9 @@ from cnnpipe.data.images import IMAGE_SUFFIXES, ImageDecodeError, decode_image
 from cnnpipe.errors import DataError
 
 
+MIN_PER_CLASS = 3  # one each for train, val and test
+
+
 @dataclass
 class RawData:
     images: np.ndarray  # uint8 (N, C, H, W)
@@ -138,6 +141,12 @@ def load_imagefolder_source(cfg: DataConfig, stage: str = "prepare") -> RawData:
     if len(classes) < 2:
         found = ", ".join(classes) or "none"
         raise DataError(f"{root}: need at least 2 class folders with usable images, found {found}")
+    counts = np.bincount(np.asarray(labels), minlength=len(classes))
+    for name, n in zip(classes, counts, strict=True):
+        if n < MIN_PER_CLASS:
+            raise DataError(
+                f"{root / name}: {n} usable image(s), too few to split into train/val/test (need {MIN_PER_CLASS})"
+            )
     return RawData(np.stack(images), np.asarray(labels, dtype=np.int64), classes, skipped, ignored)
 
 
