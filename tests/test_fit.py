@@ -68,3 +68,18 @@ def test_a_rank_mismatch_is_refused_before_training() -> None:
     meta, train, val = tiny_data()
     with pytest.raises(RuntimeError, match="rank 1"):
         fit(config("train.epochs=1"), meta, train, val, ckpt_dir=None, quiet=True, expect_rank=1)
+
+
+def test_data_placement_policy() -> None:
+    from cnnpipe.data.datamodule import keep_on_device
+
+    cpu = torch.device("cpu")
+    assert keep_on_device("never", cpu, 10**12)  # on the CPU the data is in host memory either way
+    assert keep_on_device("always", torch.device("cuda", 0), 10**15)
+    assert not keep_on_device("never", torch.device("cuda", 0), 1)
+
+
+def test_fit_with_data_kept_off_device() -> None:
+    meta, train, val = tiny_data()
+    result = fit(config("train.epochs=1", "data.on_device=never"), meta, train, val, ckpt_dir=None, quiet=True)
+    assert len(result.history) == 1

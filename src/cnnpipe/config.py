@@ -48,6 +48,7 @@ class DataConfig:
     image_size: int = 8
     split: SplitConfig = field(default_factory=SplitConfig)
     batch_size: int = 64
+    on_device: str = "auto"
 
 
 @dataclass
@@ -303,6 +304,7 @@ def validate(cfg: Config) -> None:
     total = d.split.train + d.split.val + d.split.test
     _check(abs(total - 1) < 1e-6, "data.split", "ratios that sum to 1", round(total, 6))
     _check(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
+    _check(d.on_device in ("auto", "always", "never"), "data.on_device", "auto, always or never", d.on_device)
 
     a = cfg.augment
     _check(0 <= a.copies <= 100, "augment.copies", "between 0 and 100", a.copies)

@@ -17,7 +17,6 @@ from cnnpipe.data.idx import read_idx
 from cnnpipe.data.images import IMAGE_SUFFIXES, ImageDecodeError, decode_image
 from cnnpipe.errors import DataError
 
-
 MIN_PER_CLASS = 3  # one each for train, val and test
 
 

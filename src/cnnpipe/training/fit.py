@@ -63,7 +63,9 @@ def fit(
         module = module.to(memory_format=torch.channels_last)
     if cfg.trainer.compile:
         module.net = torch.compile(module.net)  # type: ignore[assignment]
-    data = InMemoryDataModule(train, val, cfg.data.batch_size, cfg.seed, channels_last=use_channels_last(cfg))
+    data = InMemoryDataModule(
+        train, val, cfg.data.batch_size, cfg.seed, channels_last=use_channels_last(cfg), on_device=cfg.data.on_device
+    )
     history = EpochHistory(sinks, quiet=quiet)
     ckpt = None
     if ckpt_dir is not None:
