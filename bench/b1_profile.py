@@ -7,6 +7,9 @@
    logged once, on the epoch's last batch; torchmetrics argument validation off) vs the raw loop of B1.
    Same data, config, seed and threads on all sides. The logged values equal the current ones exactly.
 
+Since commit ee00dc9 src/cnnpipe/training/module.py contains this change, so "proposed" equals "current" in
+substance; the profile then shows what is left (Lightning's own loop).
+
 Run: python -m bench.b1_profile [--repeats N] [--threads N] [--epochs N] [--data digits|mnist5k] [--device cpu|cuda]
 Writes bench/results/B1_profile.json (shown under B1's details in docs/benchmarks.md, not as a table row).
 """

@@ -53,7 +53,9 @@ def _ratio(record: dict[str, Any]) -> str:
     if record.get("ratio_text"):
         return record["ratio_text"]
     ratio = record.get("ratio")
-    return "—" if ratio is None else f"{ratio:.3f}"
+    if ratio is None:
+        return "—"
+    return f"{ratio:.4f}" if abs(ratio) < 10 else f"{ratio:.1f}"
 
 
 def _met(record: dict[str, Any]) -> str:
@@ -67,6 +69,8 @@ def table(results: dict[str, dict[str, Any]]) -> list[str]:
         "| benchmark | what | ours | baseline | ratio | goal | met? |",
         "|---|---|---|---|---|---|---|",
     ]
+    in_last_run = set(json.loads(RUN_FILE.read_text()).get("only", [])) if RUN_FILE.is_file() else set(results)
+    by_hand = False
     placeholders = {n for n in NOT_MEASURED if n not in results}
     if any(r["machine"].get("gpu") for r in results.values()):
         placeholders.discard("GPU")
@@ -77,10 +81,18 @@ def table(results: dict[str, dict[str, Any]]) -> list[str]:
             lines.append(f"| {name} | {_cell(what)} | {_cell(why)} | — | — | — | — |")
             continue
         quick = " (quick)" if r.get("quick") else ""
+        mark = "" if name in in_last_run else " †"
+        by_hand = by_hand or bool(mark)
         lines.append(
-            f"| {name}{quick} | {_cell(r['what'])} | {_cell(r['ours'])} | {_cell(r['baseline'])} | {_ratio(r)} "
+            f"| {name}{quick}{mark} | {_cell(r['what'])} | {_cell(r['ours'])} | {_cell(r['baseline'])} | {_ratio(r)} "
             f"| {_cell(r['goal'])} | {_met(r)} |"
         )
+    if by_hand:
+        lines += [
+            "",
+            "† run by hand, not by `make bench` (`b1_train_step --data mnist5k`, `--device cuda` on a lent GPU",
+            "machine, `pruning --set ...`); its date and machine are in the details below.",
+        ]
     return lines
 
 
