@@ -69,6 +69,7 @@ def test_repro_writes_every_output(repro_project: Path) -> None:
         "eval/confusion.json",
         "eval/confusion.png",
         "eval/per_class.csv",
+        "eval/report.md",
     ):
         assert (repro_project / rel).is_file(), rel
     metrics = json.loads((repro_project / "eval/metrics.json").read_text())["test"]
@@ -111,6 +112,9 @@ def test_mlflow_run_has_params_metrics_tags_and_model(repro_project: Path) -> No
     assert len(tags["cnnpipe.data_digest"]) == 64
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"curves.png", "history.csv", "config.yaml", "eval"} <= artifacts
+    assert {"eval/report.md", "eval/confusion.png"} <= {a.path for a in client.list_artifacts(run_id, "eval")}
+    report = (repro_project / "eval/report.md").read_text()
+    assert f"| accuracy | {evaluated['acc']:.4f} |" in report and "![confusion matrix](confusion.png)" in report
     models = client.search_logged_models(experiment_ids=[exp.experiment_id])
     assert len(models) == 1 and models[0].source_run_id == run_id
 

@@ -251,3 +251,39 @@ def test_workers_get_their_own_gpu_and_a_share_of_threads(monkeypatch: pytest.Mo
     assert [worker_env(i, 1, 2)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == ["3", "5"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert worker_env(0, 1, 0)["CUDA_VISIBLE_DEVICES"] == ""  # no GPUs: left as it was
+
+
+def test_ctrl_c_stops_cleanly_and_the_resumed_study_loses_nothing(project: Path) -> None:
+    name = "ctrlc"
+    args = (
+        *isolated(project, name),
+        "sweep.n_trials=3",
+        "sweep.space.epochs.low=3",
+        "sweep.space.epochs.high=3",
+        "sweep.pruner=none",
+    )
+    proc = subprocess.Popen(
+        sweep_cmd(*args), cwd=project, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    journal = project / f".optuna-{name}" / "journal.log"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if journal.exists() and any(t.state == TrialState.RUNNING for t in journal_study(project, name).trials):
+            break
+        time.sleep(0.3)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    trials = journal_study(project, name).trials
+    assert not [t for t in trials if t.state == TrialState.RUNNING]  # the running trial is marked failed
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and any(t.state == TrialState.WAITING for t in trials)  # ...and queued again
+    client = MlflowClient(f"sqlite:///{project / f'mlflow-{name}.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cnnpipe-digits").experiment_id])
+    assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"} and "KILLED" in {r.info.status for r in runs}
+
+    run_sweep(project, *args)
+    trials = journal_study(project, name).trials
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]

@@ -17,6 +17,7 @@ from cnnpipe.data.store import load_split
 from cnnpipe.errors import DataError
 from cnnpipe.evaluation.metrics import TestMetrics, classification_metrics, predict_logits
 from cnnpipe.evaluation.plots import plot_confusion
+from cnnpipe.evaluation.report import report_markdown, summary_table
 from cnnpipe.models.store import load_model
 from cnnpipe.tracking.registry import register_run_model, registered_model_name
 from cnnpipe.tracking.runs import log_into_run
@@ -78,18 +79,18 @@ def run_evaluation(cfg: Config, root: Path) -> dict[str, Any]:
     write_json_atomic(out / "confusion.json", confusion_records(labels, logits.argmax(1), classes))
     write_text_atomic(out / "per_class.csv", per_class_csv(m, classes))
     plot_confusion(m.confusion.numpy(), classes, out / "confusion.png")
-
     run_file = models_dir / "run.json"
-    if run_file.is_file():
-        run_id = json.loads(run_file.read_text())["run_id"]
+    run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
+    write_text_atomic(out / "report.md", report_markdown(m, classes, len(labels), run_id, spec["model"]["name"]))
+
+    if run_id:
         run = log_into_run(cfg.tracking.uri, root, run_id)
         run.log_metrics({f"test/{k}": v for k, v in m.summary.items()}, step=0)
         run.log_metrics({f"test/f1/{c}": v for c, v in zip(classes, m.per_class["f1"], strict=True)}, step=0)
-        for name in ("metrics.json", "per_class.csv", "confusion.png", "confusion.json"):
+        for name in ("metrics.json", "per_class.csv", "confusion.png", "confusion.json", "report.md"):
             run.log_artifact(out / name, "eval")
         run.set_tags({"cnnpipe.evaluated": "true"})
         if cfg.tracking.register:
             register(cfg, root, run_id, m.summary)
-    shown = "  ".join(f"{k} {v:.4f}" for k, v in m.summary.items())
-    info("evaluate", f"test ({len(labels)} images): {shown}")
+    info("evaluate", f"test split, {len(labels)} images:\n{summary_table(m)}\n  report: {out / 'report.md'}")
     return m.summary
