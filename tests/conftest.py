@@ -42,6 +42,20 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
+def prepared_copy(dest: Path) -> Path:
+    """`copy_project(dest)` with digits prepared and the train split passed through (`augment=none`)."""
+    root = copy_project(dest)
+    for stage in ("prepare", "augment"):
+        subprocess.run(
+            [sys.executable, f"pipelines/{stage}.py", "augment=none"],
+            cwd=root,
+            env=stage_env(),
+            check=True,
+            capture_output=True,
+        )
+    return root
+
+
 def stage_env() -> dict[str, str]:
     """Environment for stage subprocesses: the venv first on PATH (DVC runs `python ...`), few threads."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}

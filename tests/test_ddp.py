@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import copy_project, stage_env
+from tests.conftest import prepared_copy, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -26,9 +26,7 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One single-process and one 2-process DDP training, same global batch (64 = 2 x 32) and steps."""
-    root = copy_project(tmp_path_factory.mktemp("ddp"))
-    for stage in ("prepare", "augment"):
-        run([sys.executable, f"pipelines/{stage}.py", "augment=none"], root)
+    root = prepared_copy(tmp_path_factory.mktemp("ddp"))
     uri = f"tracking.uri=sqlite:///{root / 'mlflow.db'}"
     run(
         [

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import copy_project, stage_env
+from tests.conftest import prepared_copy, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -26,16 +26,7 @@ FAST = ["augment=none", "train.hparams=params"]
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = copy_project(tmp_path_factory.mktemp("reliability"))
-    for stage in ("prepare", "augment"):
-        subprocess.run(
-            [sys.executable, f"pipelines/{stage}.py", "augment=none"],
-            cwd=root,
-            env=stage_env(),
-            check=True,
-            capture_output=True,
-        )
-    return root
+    return prepared_copy(tmp_path_factory.mktemp("reliability"))
 
 
 def train_cmd(*overrides: str) -> list[str]:

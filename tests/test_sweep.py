@@ -16,7 +16,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import copy_project, stage_env
+from tests.conftest import prepared_copy, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -28,16 +28,7 @@ FAST = ["augment=none", "sweep.space.epochs.low=1", "sweep.space.epochs.high=2",
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project copy with prepared + augmented digits, shared by the sweep tests."""
-    root = copy_project(tmp_path_factory.mktemp("sweep-project"))
-    for stage in ("prepare", "augment"):
-        subprocess.run(
-            [sys.executable, f"pipelines/{stage}.py", "augment=none"],
-            cwd=root,
-            env=stage_env(),
-            check=True,
-            capture_output=True,
-        )
-    return root
+    return prepared_copy(tmp_path_factory.mktemp("sweep-project"))
 
 
 def sweep_cmd(*overrides: str) -> list[str]:

@@ -20,6 +20,7 @@ from cnnpipe.errors import CnnpipeError
 from cnnpipe.tracking.runs import RunLogger, tracked_run
 from cnnpipe.tracking.tags import run_tags
 from cnnpipe.tracking.uri import mask_secrets
+from cnnpipe.training.run_training import experiment_name
 from cnnpipe.tuning.report import counts, trial_rows, trials_csv, write_plots
 from cnnpipe.tuning.storage import describe_storage, recover_dead_trials
 from cnnpipe.tuning.study import load_study, study_name
@@ -103,7 +104,7 @@ def run_sweep(cfg: Config, root: Path) -> dict[str, Any]:
     recovered = recover_dead_trials(study)
     if recovered:
         info("sweep", f"re-queued {recovered} trial(s) left running by a worker that died")
-    experiment = cfg.tracking.experiment or f"cnnpipe-{cfg.data.name}"
+    experiment = experiment_name(cfg)
     tags = {
         **run_tags(root, "sweep", cfg.data.name, ""),
         "cnnpipe.study": name,

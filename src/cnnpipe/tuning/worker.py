@@ -7,7 +7,6 @@ Also the entry point of the extra local worker processes (`sweep.workers > 1`):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from optuna.trial import TrialState
 from cnnpipe.config import Config, to_config
 from cnnpipe.console import info
 from cnnpipe.data.store import load_meta, load_split
+from cnnpipe.training.run_training import experiment_name, file_digest
 from cnnpipe.tuning.objective import TrialObjective
 from cnnpipe.tuning.storage import budget_used, recover_dead_trials, requeue
 from cnnpipe.tuning.study import load_study, study_name
@@ -41,8 +41,8 @@ def run_worker(cfg: Config, root: Path, parent_run_id: str | None, index: int = 
     prepared, augmented = root / cfg.paths.prepared, root / cfg.paths.augmented
     meta = load_meta(prepared)
     train, val = load_split(augmented / "train.npz"), load_split(prepared / "val.npz")
-    digest = hashlib.sha256((augmented / "train.npz").read_bytes() + (prepared / "val.npz").read_bytes()).hexdigest()
-    experiment = cfg.tracking.experiment or f"cnnpipe-{cfg.data.name}"
+    digest = file_digest(augmented / "train.npz", prepared / "val.npz")
+    experiment = experiment_name(cfg)
     objective = TrialObjective(cfg, root, meta, train, val, experiment, study_name(cfg), parent_run_id, digest)
     deadline = time.monotonic() + cfg.sweep.timeout if cfg.sweep.timeout else None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
