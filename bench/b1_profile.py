@@ -1,14 +1,14 @@
-"""Where B1's train step spends its time, and what the proposed fix in src/ would buy (not part of run_all).
+"""Where B1's train step spends its time, and what each part of the fix buys (not part of run_all).
 
-1. cProfile of `cnnpipe.training.fit.fit` (the B1 "ours" side): cumulative seconds in `LightningModule.log`,
-   in torchmetrics updates, in Lightning's hook dispatch, and in the actual compute (forward, backward, AdamW).
-2. Interleaved A/B/C: the current fit vs the same Trainer with a *proposed* ImageClassifier (a subclass defined
-   here, not in src/: per step only `train_acc.update` and a loss sum on the device; `train/loss` and `train/acc`
-   logged once, on the epoch's last batch; torchmetrics argument validation off) vs the raw loop of B1.
-   Same data, config, seed and threads on all sides. The logged values equal the current ones exactly.
-
-Since commit ee00dc9 src/cnnpipe/training/module.py contains this change, so "proposed" equals "current" in
-substance; the profile then shows what is left (Lightning's own loop).
+1. cProfile of `cnnpipe.training.fit.fit` (the B1 "ours" side): cumulative seconds in the net's forward,
+   backward, the optimiser, our training_step, Lightning's manual_backward / LightningOptimizer.step
+   wrappers, torchmetrics updates and `LightningModule.log`, and the own time of all Lightning functions.
+2. Interleaved ablation, same data, config, seed and threads on every side:
+   - `lightning`: one step per Lightning iteration, through `manual_backward` and `LightningOptimizer.step`
+     (forced by a callback that listens to `on_after_backward`, as any gradient-logging callback would);
+   - `direct`: one step per iteration, backward and optimiser called directly (training/direct_step.py);
+   - `ours`: the default, `trainer.steps_per_call` steps per iteration, direct;
+   - `raw`: B1's hand-written loop.
 
 Run: python -m bench.b1_profile [--repeats N] [--threads N] [--epochs N] [--data digits|mnist5k] [--device cpu|cuda]
 Writes bench/results/B1_profile.json (shown under B1's details in docs/benchmarks.md, not as a table row).
@@ -17,87 +17,45 @@ Writes bench/results/B1_profile.json (shown under B1's details in docs/benchmark
 from __future__ import annotations
 
 import cProfile
+import dataclasses
 import pstats
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench.b1_train_step import overrides, train_ours, train_raw
-from bench.timing import cli, interleaved, median, paired_ratios, pin_threads, spread, stopwatch, write_result
+from bench.timing import cli, interleaved, median, paired_ratios, pin_threads, spread, write_result
 from bench.timing import result as make_result
 from bench.workspace import bench_config, prepare_data, quiet
 
 NAME = "B1_profile"
 
 
-def proposed_module_class() -> type:
-    """ImageClassifier as proposed for src/cnnpipe/training/module.py (see bench/findings.md)."""
-    import torch
-    from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+def hook_listener() -> Any:
+    """A callback on a per-step hook: Lightning's own backward/step wrappers must then run every step."""
+    from lightning.pytorch.callbacks import Callback
 
-    from cnnpipe.training.module import ImageClassifier
+    class ListensToBackward(Callback):
+        def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+            pass
 
-    class ProposedClassifier(ImageClassifier):
-        def __init__(self, net: Any, num_classes: int, *args: Any, **kwargs: Any) -> None:
-            super().__init__(net, num_classes, *args, **kwargs)
-            self.train_acc = MulticlassAccuracy(num_classes, validate_args=False)
-            self.val_acc = MulticlassAccuracy(num_classes, validate_args=False)
-            self.val_f1 = MulticlassF1Score(num_classes, average="macro", validate_args=False)
-
-        def on_train_epoch_start(self) -> None:
-            self.loss_sum, self.seen = torch.zeros((), device=self.device), 0
-
-        def training_step(self, batch: Any, batch_idx: int) -> Any:
-            x, y = batch
-            logits = self(x)
-            loss = self._loss(logits, y)
-            self.train_acc.update(logits, y)  # update only: no per-batch compute, no per-step self.log
-            self.loss_sum += loss.detach() * y.shape[0]  # on the device: no host sync per step
-            self.seen += y.shape[0]
-            if self.trainer.is_last_batch:  # log once per epoch, before the callbacks' on_train_epoch_end
-                # DDP: ranks hold equal-sized shards, so the mean of the rank means is the global mean
-                self.log("train/loss", self.loss_sum / self.seen, on_step=False, on_epoch=True, sync_dist=True)
-                self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-            return loss
-
-    return ProposedClassifier
+    return ListensToBackward()
 
 
-def train_proposed(cfg: Any, meta: dict[str, Any], train: Any, val: Any, out: dict[str, float]) -> float:
-    """What `fit` does (seed, model, data module, EpochHistory, build_trainer), with the proposed module."""
-    import inspect
-
-    import lightning.pytorch as pl
-
-    from cnnpipe.data.datamodule import InMemoryDataModule
-    from cnnpipe.models.factory import build_model, model_spec
-    from cnnpipe.training.callbacks import EpochHistory
-    from cnnpipe.training.module import ImageClassifier
-    from cnnpipe.training.trainer import build_trainer
-
-    cls = proposed_module_class()
-    with stopwatch() as t:
-        pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        spec = model_spec(cfg.model, meta)
-        kwargs = {}
-        if "scale_lr" in inspect.signature(ImageClassifier.__init__).parameters:
-            kwargs["scale_lr"] = getattr(cfg.trainer, "scale_lr", "none")
-        module = cls(build_model(spec), len(spec["classes"]), cfg.optim, cfg.train.label_smoothing, **kwargs)
-        history = EpochHistory(quiet=True)
-        trainer = build_trainer(cfg, [history])
-        trainer.fit(module, datamodule=InMemoryDataModule(train, val, cfg.data.batch_size, cfg.seed))
-    out["val_acc"], out["train_loss"] = history.rows[-1]["val/acc"], history.rows[-1]["train/loss"]
-    return t["s"]
+def one_step_per_call(cfg: Any) -> Any:
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, steps_per_call=1))
 
 
 # (label, pstats key filter: a substring of "file:line(function)") for the cumulative breakdown.
 BUCKETS = [
-    ("LightningModule.log (per-step self.log)", "lightning/pytorch/core/module.py", "(log)"),
-    ("torchmetrics Metric.forward (train_acc(logits, y))", "torchmetrics/metric.py", "(forward)"),
+    ("LightningModule.log", "lightning/pytorch/core/module.py", "(log)"),
+    ("torchmetrics Metric.update (train/val metrics)", "torchmetrics/metric.py", "(wrapped_func)"),
     ("forward of the net", "torch/nn/modules/module.py", "(_wrapped_call_impl)"),
-    ("backward", "torch/_tensor.py", "(backward)"),
-    ("optimizer.step incl. Lightning's closure (training_step + backward)", "torch/optim/adam.py", "(step)"),
-    ("training_step (ours, incl. forward, loss, logging)", "cnnpipe/training/module.py", "(training_step)"),
+    ("backward (torch)", "torch/_tensor.py", "(backward)"),
+    ("Lightning manual_backward (0 when stepping directly)", "lightning/pytorch/core/module.py", "(manual_backward)"),
+    ("optimizer step (torch, AdamW)", "torch/optim/adam.py", "(step)"),
+    ("LightningOptimizer.step (0 when stepping directly)", "lightning/pytorch/core/optimizer.py", "(step)"),
+    ("training_step (ours: all steps of a call)", "cnnpipe/training/module.py", "(training_step)"),
     ("Trainer.fit (total)", "lightning/pytorch/trainer/trainer.py", "(fit)"),
 ]
 
@@ -142,27 +100,29 @@ def run(
     breakdown = profile_fit(cfg, meta, train, val)
     for label, seconds in breakdown.items():
         print(f"[{name}] {seconds:7.3f} s  {label}")
-    last: dict[str, dict[str, float]] = {"current": {}, "proposed": {}, "raw": {}}
+    single = one_step_per_call(cfg)
+    sides = {
+        "lightning": lambda out: train_ours(single, meta, train, val, out, callbacks=[hook_listener()]),
+        "direct": lambda out: train_ours(single, meta, train, val, out),
+        "ours": lambda out: train_ours(cfg, meta, train, val, out),
+        "raw": lambda out: train_raw(cfg, meta, train, val, out),
+    }
+    last: dict[str, dict[str, float]] = {side: {} for side in sides}
     samples = interleaved(
-        {
-            "current": lambda: train_ours(cfg, meta, train, val, last["current"]),
-            "proposed": lambda: train_proposed(cfg, meta, train, val, last["proposed"]),
-            "raw": lambda: train_raw(cfg, meta, train, val, last["raw"]),
-        },
-        repeats,
-        warmup=1,
-        label=name,
+        {side: (lambda side=side: sides[side](last[side])) for side in sides}, repeats, warmup=1, label=name
     )
-    cur_vs_raw = median(paired_ratios(samples["raw"], samples["current"]))
-    prop_vs_raw = median(paired_ratios(samples["raw"], samples["proposed"]))
+    vs_raw = {side: median(paired_ratios(samples["raw"], samples[side])) for side in sides if side != "raw"}
+    for side, ratio in vs_raw.items():
+        print(f"[{name}] {side}/raw throughput {ratio:.3f}")
     record = make_result(
         name=name,
-        title="B1 profile and the proposed fix",
-        what=f"{data} on {device}: fit() under cProfile; current vs proposed ImageClassifier vs raw loop, interleaved",
-        ours=f"proposed: {prop_vs_raw:.3f} of raw",
-        baseline=f"current: {cur_vs_raw:.3f} of raw",
-        ratio=prop_vs_raw,
-        ratio_label="proposed/raw throughput",
+        title="B1 profile and ablation",
+        what=f"{data} on {device}: fit() under cProfile; Lightning wrappers / direct step / "
+        f"{cfg.trainer.steps_per_call} steps per call vs raw loop, interleaved",
+        ours=f"ours: {vs_raw['ours']:.3f} of raw",
+        baseline=f"lightning: {vs_raw['lightning']:.3f}, direct: {vs_raw['direct']:.3f} of raw",
+        ratio=vs_raw["ours"],
+        ratio_label="ours/raw throughput",
         goal_op=">=",
         goal=0.97,
         threads=threads,
@@ -170,12 +130,9 @@ def run(
         details={
             "unit": "s (cProfile, one fit) and images/s ratios",
             "profile_cumulative_s": breakdown,
-            "current_fit_s": spread(samples["current"]),
-            "proposed_fit_s": spread(samples["proposed"]),
-            "raw_fit_s": spread(samples["raw"]),
-            "current_over_raw_throughput": cur_vs_raw,
-            "proposed_over_raw_throughput": prop_vs_raw,
-            "proposed_over_current_throughput": median(paired_ratios(samples["current"], samples["proposed"])),
+            "fit_s": {side: spread(samples[side]) for side in sides},
+            "over_raw_throughput": vs_raw,
+            "steps_per_call": cfg.trainer.steps_per_call,
             "repeats": repeats,
             "epochs_per_run": epochs,
             "sanity_last_repeat": last,

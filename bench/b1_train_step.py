@@ -45,13 +45,15 @@ def overrides(threads: int, epochs: int, data: str = "digits", device: str = "cp
     ]
 
 
-def train_ours(cfg: Any, meta: dict[str, Any], train: Any, val: Any, out: dict[str, float]) -> float:
+def train_ours(
+    cfg: Any, meta: dict[str, Any], train: Any, val: Any, out: dict[str, float], callbacks: list | None = None
+) -> float:
     """The real train path: `cnnpipe.training.fit.fit` builds the ImageClassifier, InMemoryDataModule,
     EpochHistory and the Trainer from build_trainer; no checkpoint folder (nothing written), no MLflow sink."""
     from cnnpipe.training.fit import fit
 
     with stopwatch() as t:
-        res = fit(cfg, meta, train, val, ckpt_dir=None, sinks=None, quiet=True)
+        res = fit(cfg, meta, train, val, ckpt_dir=None, sinks=None, quiet=True, callbacks=callbacks)
     out["val_acc"], out["train_loss"] = res.history[-1]["val/acc"], res.history[-1]["train/loss"]
     return t["s"]
 

@@ -350,3 +350,18 @@ def test_drop_last() -> None:
     assert [len(y) for y in kept] == [5, 5, 5, 5]
     ragged = epoch_labels(make_batches(23, batch_size=5, shuffle=True, drop_last=False))
     assert [len(y) for y in ragged] == [5, 5, 5, 5, 3]
+
+
+@pytest.mark.parametrize("per_call", [1, 2, 3, 10])
+@pytest.mark.parametrize(("n", "drop_last"), [(23, False), (23, True), (20, False), (1, False)])
+def test_steps_per_call_hands_over_consecutive_batches(per_call: int, n: int, drop_last: bool) -> None:
+    """A call holds `per_call` batches back to back: split into batch_size pieces they are exactly the
+    batches of one step per call, in order, and the step count per epoch does not change."""
+    one = make_batches(n, batch_size=5, shuffle=True, seed=2, drop_last=drop_last)
+    grouped = make_batches(n, batch_size=5, shuffle=True, seed=2, drop_last=drop_last, steps_per_call=per_call)
+    calls = epoch_labels(grouped)
+    assert len(grouped) == len(calls) == -(-len(one) // per_call)
+    assert grouped.steps_per_epoch == one.steps_per_epoch == len(one)
+    assert all(len(y) <= 5 * per_call for y in calls)
+    steps = [piece for y in calls for piece in y.split(5)]
+    assert [s.tolist() for s in steps] == [s.tolist() for s in epoch_labels(one)]

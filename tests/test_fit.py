@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from cnnpipe.config import load_config
 from cnnpipe.data.store import Split
@@ -85,3 +87,96 @@ def test_fit_with_data_kept_off_device() -> None:
     meta, train, val = tiny_data()
     result = fit(config("train.epochs=1", "data.on_device=never"), meta, train, val, ckpt_dir=None, quiet=True)
     assert len(result.history) == 1
+
+
+class CountsBackward(Callback):
+    """Listens to a per-step hook, so steps must go through Lightning's manual_backward."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.calls += 1
+
+
+def weights(net: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([t.detach().flatten().double() for t in net.state_dict().values()])
+
+
+def comparable(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in history]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["train.grad_clip=0.05"], ["optim=sgd", "optim.scheduler=cosine"], ["train.label_smoothing=0.1"]],
+    ids=["adamw-onecycle", "grad-clip", "sgd-cosine", "label-smoothing"],
+)
+def test_several_steps_per_call_take_the_same_steps(overrides: list[str]) -> None:
+    """steps_per_call only changes how many steps one Lightning iteration takes: the weights, the logged
+    metrics and the step count are those of one step per iteration, through Lightning's own
+    manual_backward / optimizer.step (forced by a callback on a per-step hook) or directly."""
+    meta, train, val = tiny_data(70)  # batch 16: 5 steps per epoch, the last one of 6 images
+    counter = CountsBackward()
+    reference = fit(
+        config("train.epochs=3", "trainer.steps_per_call=1", *overrides),
+        meta,
+        train,
+        val,
+        ckpt_dir=None,
+        quiet=True,
+        callbacks=[counter],
+    )
+    assert not reference.trainer.lightning_module._direct
+    assert counter.calls == reference.trainer.global_step == 3 * 5
+    for per_call in (1, 2, 8):
+        result = fit(
+            config("train.epochs=3", f"trainer.steps_per_call={per_call}", *overrides),
+            meta,
+            train,
+            val,
+            ckpt_dir=None,
+            quiet=True,
+        )
+        assert result.trainer.lightning_module._direct
+        assert result.trainer.global_step == 3 * 5
+        assert result.trainer.num_training_batches == -(-5 // per_call)
+        assert torch.equal(weights(result.net), weights(reference.net)), per_call
+        assert comparable(result.history) == comparable(reference.history)
+
+
+def test_train_metrics_are_the_epoch_means() -> None:
+    """train/loss is the sample-weighted mean of the step losses, train/acc torchmetrics' macro accuracy over
+    every training prediction of the epoch: recomputed from what a callback sees at each step."""
+    from torchmetrics.functional.classification import multiclass_accuracy
+
+    class Steps(Callback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+            self.sizes: list[int] = []
+            self.preds: list[torch.Tensor] = []
+            self.targets: list[torch.Tensor] = []
+            self.last_logits: torch.Tensor | None = None
+
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            pl_module.net.register_forward_hook(self._keep)
+
+        def _keep(self, module: torch.nn.Module, args: object, out: torch.Tensor) -> None:
+            if module.training:
+                self.last_logits = out.detach()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+            self.sizes.append(len(batch[1]))
+            self.preds.append(self.last_logits.argmax(1))
+            self.targets.append(batch[1])
+
+    meta, train, val = tiny_data(70)
+    steps = Steps()
+    cfg = config("train.epochs=1", "trainer.steps_per_call=1", "model.dropout=0.5")
+    result = fit(cfg, meta, train, val, ckpt_dir=None, quiet=True, callbacks=[steps])
+    assert steps.sizes == [16, 16, 16, 16, 6]
+    expected_loss = sum(loss * n for loss, n in zip(steps.losses, steps.sizes, strict=True)) / 70
+    expected_acc = multiclass_accuracy(torch.cat(steps.preds), torch.cat(steps.targets), num_classes=3).item()
+    assert result.history[0]["train/loss"] == pytest.approx(expected_loss, rel=1e-6)
+    assert result.history[0]["train/acc"] == pytest.approx(expected_acc, rel=1e-6)

@@ -264,7 +264,12 @@ def test_ctrl_c_stops_cleanly_and_the_resumed_study_loses_nothing(project: Path)
         time.sleep(0.3)
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"the sweep did not stop within 120 s of Ctrl-C; its stderr ends with:\n{err[-3000:]}")
     assert proc.returncode == 130, err[-2000:]
     trials = journal_study(project, name).trials
     assert not [t for t in trials if t.state == TrialState.RUNNING]  # the running trial is marked failed

@@ -112,6 +112,7 @@ class TrainerConfig:
     scale_lr: str = "none"
     channels_last: str = "auto"
     compile: bool = False
+    steps_per_call: int = 8
 
 
 @dataclass
@@ -380,6 +381,7 @@ def validate(cfg: Config) -> None:
     _check(tr.num_nodes >= 1, "trainer.num_nodes", ">= 1", tr.num_nodes)
     _check(tr.precision in PRECISIONS, "trainer.precision", f"one of {', '.join(PRECISIONS)}", tr.precision)
     _check(tr.threads >= 0, "trainer.threads", ">= 0", tr.threads)
+    _check(tr.steps_per_call >= 1, "trainer.steps_per_call", ">= 1", tr.steps_per_call)
     _check(tr.channels_last in ("auto", "on", "off"), "trainer.channels_last", "auto, on or off", tr.channels_last)
     _check(tr.scale_lr in ("none", "linear", "sqrt"), "trainer.scale_lr", "none, linear or sqrt", tr.scale_lr)
     _check(tr.strategy in STRATEGIES, "trainer.strategy", f"one of {', '.join(STRATEGIES)}", tr.strategy)

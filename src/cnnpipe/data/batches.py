@@ -1,6 +1,9 @@
 """In-memory batches: the whole split lives in one tensor (on the training device when it fits),
 and a batch is one index into it — no Dataset, no per-sample Python, no host copy per step.
 
+A training iterable may hand over several consecutive batches at once (`steps_per_call`): one gather,
+which the LightningModule splits into per-step views (see `ImageClassifier`).
+
 Under DDP each rank takes a disjoint, strided shard of the same seeded permutation, so every sample is
 seen once per epoch across ranks; evaluation shards are not padded (no double counting).
 """
@@ -13,7 +16,8 @@ import torch
 
 
 class TensorBatches:
-    """Iterable of (float images in [0, 1], int64 labels) batches over uint8 tensors."""
+    """Iterable of (float images in [0, 1], int64 labels) batches over uint8 tensors; each item holds up
+    to `steps_per_call` batches of `batch_size` back to back (the last of an epoch may be shorter)."""
 
     def __init__(
         self,
@@ -26,8 +30,10 @@ class TensorBatches:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        steps_per_call: int = 1,
     ) -> None:
         self.images, self.labels = images, labels
+        self.steps_per_call = max(1, steps_per_call)
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
@@ -57,7 +63,9 @@ class TensorBatches:
             order = order[self.rank :: self.world_size]
         return order.to(self.labels.device)
 
-    def __len__(self) -> int:
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches of `batch_size` per epoch on this rank (optimiser steps, whatever `steps_per_call`)."""
         n = len(self.labels)
         if self.world_size > 1:
             if self.shuffle:
@@ -65,10 +73,14 @@ class TensorBatches:
             n = len(range(self.rank, n, self.world_size))
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def __len__(self) -> int:
+        return -(-self.steps_per_epoch // self.steps_per_call)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._indices()
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
-        for start in range(0, stop, self.batch_size):
-            idx = order[start : start + self.batch_size]
+        chunk = self.batch_size * self.steps_per_call
+        for start in range(0, stop, chunk):
+            idx = order[start : min(start + chunk, stop)]
             yield self.images[idx].float().div_(255.0), self.labels[idx]
         self.epoch += 1

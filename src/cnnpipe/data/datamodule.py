@@ -26,11 +26,19 @@ class InMemoryDataModule(pl.LightningDataModule):
     """Train and val splits as uint8 tensors; moved to the device once, batched by indexing."""
 
     def __init__(
-        self, train: Split, val: Split, batch_size: int, seed: int, channels_last: bool = False, on_device: str = "auto"
+        self,
+        train: Split,
+        val: Split,
+        batch_size: int,
+        seed: int,
+        channels_last: bool = False,
+        on_device: str = "auto",
+        steps_per_call: int = 1,
     ) -> None:
         super().__init__()
         self.train_split, self.val_split = train, val
         self.batch_size, self.seed, self.channels_last, self.on_device = batch_size, seed, channels_last, on_device
+        self.steps_per_call = steps_per_call
 
     def _batches(self, split: Split, shuffle: bool) -> TensorBatches:
         trainer = self.trainer
@@ -43,7 +51,18 @@ class InMemoryDataModule(pl.LightningDataModule):
             images = images.contiguous(memory_format=torch.channels_last)
         # Drop a ragged last training batch only when it could be a single sample (BatchNorm needs 2).
         drop_last = shuffle and (len(labels) // max(world, 1)) % self.batch_size == 1
-        batches = TensorBatches(images, labels, self.batch_size, shuffle=shuffle, seed=self.seed, drop_last=drop_last)
+        # Several steps per Lightning iteration only on one process: under DDP every step's forward must
+        # pass through the DDP wrapper, which Lightning calls once per iteration.
+        per_call = self.steps_per_call if shuffle and world == 1 else 1
+        batches = TensorBatches(
+            images,
+            labels,
+            self.batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            drop_last=drop_last,
+            steps_per_call=per_call,
+        )
         return batches.to(device).shard(rank, world)
 
     def train_dataloader(self) -> TensorBatches:

@@ -57,14 +57,26 @@ def fit(
         initialise_from(net, cfg, root or Path.cwd())
     callbacks = [*(callbacks or []), *([FreezeBackbone(cfg.model.freeze_epochs)] if cfg.model.freeze_epochs else [])]
     module = ImageClassifier(
-        net, len(spec["classes"]), cfg.optim, cfg.train.label_smoothing, scale_lr=cfg.trainer.scale_lr
+        net,
+        len(spec["classes"]),
+        cfg.optim,
+        cfg.train.label_smoothing,
+        scale_lr=cfg.trainer.scale_lr,
+        batch_size=cfg.data.batch_size,
+        grad_clip=cfg.train.grad_clip,
     )
     if use_channels_last(cfg):
         module = module.to(memory_format=torch.channels_last)
     if cfg.trainer.compile:
         module.net = torch.compile(module.net)  # type: ignore[assignment]
     data = InMemoryDataModule(
-        train, val, cfg.data.batch_size, cfg.seed, channels_last=use_channels_last(cfg), on_device=cfg.data.on_device
+        train,
+        val,
+        cfg.data.batch_size,
+        cfg.seed,
+        channels_last=use_channels_last(cfg),
+        on_device=cfg.data.on_device,
+        steps_per_call=cfg.trainer.steps_per_call,
     )
     history = EpochHistory(sinks, quiet=quiet)
     ckpt = None

@@ -12,6 +12,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from cnnpipe.config import OptimConfig
+from cnnpipe.training.direct_step import can_step_directly
 from cnnpipe.training.distributed import scaled_lr
 
 
@@ -34,7 +35,13 @@ def build_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
 
 
 class ImageClassifier(pl.LightningModule):
-    """Wraps any logits-producing net; metrics are torchmetrics objects logged per epoch (DDP-correct)."""
+    """Wraps any logits-producing net; metrics are torchmetrics objects logged per epoch (DDP-correct).
+
+    Manual optimisation, so that one Lightning iteration can take several optimiser steps: a training
+    batch may hold up to `trainer.steps_per_call` consecutive batches of `batch_size`, each one a full
+    step (forward, backward, clip, optimiser, scheduler). Lightning's fixed cost per iteration (~0.5 ms of
+    hooks and bookkeeping, bench/findings.md B1) is then paid once per call instead of once per step;
+    the updates are the same as one step per call (tests/test_fit.py checks the weights are equal)."""
 
     def __init__(
         self,
@@ -43,18 +50,23 @@ class ImageClassifier(pl.LightningModule):
         optim: OptimConfig,
         label_smoothing: float = 0.0,
         scale_lr: str = "none",
+        batch_size: int | None = None,
+        grad_clip: float = 0.0,
     ) -> None:
         super().__init__()
+        self.automatic_optimization = False
         self.net = net
         self.optim_cfg = optim
         self.scale_lr = scale_lr
         self.label_smoothing = label_smoothing
+        self.batch_size = batch_size  # None: every training batch is one step
+        self.grad_clip = grad_clip
         # validate_args=False: the inputs are our own logits and labels; the checks cost ~0.1 ms per step.
         self.train_acc = MulticlassAccuracy(num_classes, validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes, validate_args=False)
         self.val_f1 = MulticlassF1Score(num_classes, average="macro", validate_args=False)
-        self._loss_sum: torch.Tensor | None = None
-        self._seen = 0
+        self._epoch: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._direct = False  # set at train start: see training/direct_step.py
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -63,24 +75,71 @@ class ImageClassifier(pl.LightningModule):
         return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        logits = self(x)
-        loss = self._loss(logits, y)
-        # Accumulate on the device and log once, at the epoch's last batch: Lightning's `self.log` costs ~1 ms
-        # per call (bench/findings.md, B1), a third of a small step. No host sync either way.
-        self.train_acc.update(logits, y)  # update only: the per-batch value of __call__ is never used
-        n = y.shape[0]
-        weighted = loss.detach() * n
-        self._loss_sum = weighted if self._loss_sum is None else self._loss_sum + weighted
-        self._seen += n
-        if self.trainer.is_last_batch:
-            # Batch-weighted mean over this rank; ranks hold equal-sized shards, so the DDP mean is global.
-            self.log("train/loss", self._loss_sum / self._seen, on_step=False, on_epoch=True, sync_dist=True)
-            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        images, labels = batch
+        optimizer = self.optimizers()  # Lightning's wrapper: counts global_step, runs the precision plugin
+        scheduler = self.lr_schedulers() if self._step_interval else None
+        if self.batch_size is None or labels.shape[0] <= self.batch_size:
+            steps = [(images, labels)]
+        else:
+            steps = list(zip(images.split(self.batch_size), labels.split(self.batch_size), strict=True))
+        for x, y in steps:
+            logits = self(x)
+            loss = self._loss(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            if self._direct:
+                loss.backward()
+                self._clip(optimizer)
+                optimizer._on_before_step()  # what LightningOptimizer.step does around the step: count it
+                optimizer.optimizer.step()
+                optimizer._on_after_step()
+            else:
+                self.manual_backward(loss)
+                optimizer.step()  # gradient clipping runs in on_before_optimizer_step, after AMP unscaling
+            if scheduler is not None:
+                scheduler.step()  # type: ignore[union-attr]
+            self._track(logits, y, loss)
+        if self.trainer.is_last_batch:  # log before the callbacks' on_train_epoch_end reads the metrics
+            self._log_train_epoch()
         return loss
 
+    def _track(self, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+        """Keep this epoch's predictions, labels and losses on the device; `_log_train_epoch` hands them to
+        torchmetrics once. A per-step `update` (~0.4 ms) or `self.log` (~1 ms, bench/findings.md) would cost
+        a tenth of a small step; appending costs microseconds and never syncs with the host."""
+        self._epoch.append((logits.detach().argmax(1), y, loss.detach()))
+
+    def _log_train_epoch(self) -> None:
+        preds, targets, losses = zip(*self._epoch, strict=True)
+        sizes = torch.tensor([len(t) for t in targets], dtype=torch.float64, device=losses[0].device)
+        # Batch-weighted mean over this rank (float64: the same sum whatever the memory layout); ranks hold
+        # equal-sized shards, so the DDP mean of the rank means is the global mean.
+        mean = (torch.stack(losses).double() * sizes).sum() / sizes.sum()
+        # batch_size=1: one value per epoch, not to be re-weighted by the size of whatever batch came last
+        self.log("train/loss", mean.float(), on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+        self.train_acc.update(torch.cat(preds), torch.cat(targets))  # class indices: same stats as logits
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self._epoch = []
+
+    def on_train_start(self) -> None:
+        self._direct = can_step_directly(self.trainer)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._clip(optimizer)
+
+    def _clip(self, optimizer: Any) -> None:
+        if self.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+
     def on_train_epoch_start(self) -> None:
-        self._loss_sum, self._seen = None, 0
+        self._epoch = []
+
+    def on_train_epoch_end(self) -> None:
+        if self.optim_cfg.scheduler == "cosine":  # per-epoch schedule; callbacks read the lr before this
+            self.lr_schedulers().step()  # type: ignore[union-attr]
+
+    @property
+    def _step_interval(self) -> bool:
+        return self.optim_cfg.scheduler == "onecycle"
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -103,9 +162,7 @@ class ImageClassifier(pl.LightningModule):
         lr = scaled_lr(self.optim_cfg.lr, world_size, self.scale_lr)
         optimizer = build_optimizer(self.parameters(), replace(self.optim_cfg, lr=lr))
         if self.optim_cfg.scheduler == "onecycle":
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=lr, total_steps=int(self.trainer.estimated_stepping_batches)
-            )
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=self._total_steps())
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         if self.optim_cfg.scheduler == "cosine":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -113,3 +170,12 @@ class ImageClassifier(pl.LightningModule):
             )
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
         return optimizer
+
+    def _total_steps(self) -> int:
+        """Optimiser steps in the whole fit. Lightning's estimate counts iterations, which are fewer when
+        one call takes several steps; our batch iterables say how many steps an epoch has."""
+        iterations = int(self.trainer.estimated_stepping_batches)  # also loads the train batches
+        per_epoch = getattr(self.trainer.train_dataloader, "steps_per_epoch", None)
+        if per_epoch is None or self.trainer.max_epochs is None or self.trainer.max_epochs < 0:
+            return iterations
+        return int(per_epoch) * self.trainer.max_epochs

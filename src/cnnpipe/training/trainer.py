@@ -63,7 +63,6 @@ def build_trainer(
         strategy=cfg.trainer.strategy,
         precision=resolve_precision(cfg),  # type: ignore[arg-type]
         deterministic=cfg.train.deterministic,
-        gradient_clip_val=cfg.train.grad_clip or None,
         callbacks=callbacks,
         logger=False,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
