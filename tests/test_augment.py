@@ -21,7 +21,7 @@ from cnnpipe.data.augment import (
     to_float,
     to_uint8,
 )
-from cnnpipe.data.batches import TensorBatches
+from cnnpipe.data.batches import IndexBatches, TensorBatches
 from tests.conftest import ROOT
 
 Op = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -268,7 +268,7 @@ def test_augment_copies_in_chunks_keeps_shape() -> None:
 
 def make_batches(n: int = 23, batch_size: int = 5, **kw) -> TensorBatches:
     images = (torch.arange(n) % 256).to(torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
-    return TensorBatches(images, torch.arange(n), batch_size, **kw)
+    return TensorBatches(images, torch.arange(n), IndexBatches(n, batch_size, **kw))
 
 
 def epoch_labels(batches: TensorBatches) -> list[torch.Tensor]:

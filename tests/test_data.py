@@ -550,3 +550,16 @@ def test_load_split_refuses_pickles_and_garbage(tmp_path: Path) -> None:
         load_split(tmp_path / "nope.npz")
     with pytest.raises(DataError, match=re.escape("meta.json")):
         load_meta(tmp_path)
+
+
+def test_load_split_memory_maps_the_images(tmp_path: Path) -> None:
+    images = np.arange(5 * 3 * 4 * 4, dtype=np.uint8).reshape(5, 3, 4, 4)
+    save_split(tmp_path / "s.npz", Split(images, np.arange(5)))
+    split = load_split(tmp_path / "s.npz", mmap=True)
+    assert isinstance(split.images, np.memmap) and not split.images.flags.writeable
+    assert split.source == tmp_path / "s.npz"
+    assert np.array_equal(split.images, images) and split.labels.tolist() == list(range(5))
+    np.savez_compressed(tmp_path / "c.npz", images=images, labels=np.arange(5))
+    with pytest.raises(DataError, match=r"c\.npz.*compressed"):
+        load_split(tmp_path / "c.npz", mmap=True)
+    assert np.array_equal(load_split(tmp_path / "c.npz").images, images)  # read whole, it is fine

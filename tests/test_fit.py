@@ -78,15 +78,37 @@ def test_data_placement_policy() -> None:
     from cnnpipe.data.datamodule import keep_on_device
 
     cpu = torch.device("cpu")
-    assert keep_on_device("never", cpu, 10**12)  # on the CPU the data is in host memory either way
+    assert keep_on_device("auto", cpu, 1)
+    assert not keep_on_device("auto", cpu, 10**18)  # more than any host has: streamed
+    assert not keep_on_device("never", cpu, 1)
     assert keep_on_device("always", torch.device("cuda", 0), 10**15)
     assert not keep_on_device("never", torch.device("cuda", 0), 1)
 
 
-def test_fit_with_data_kept_off_device() -> None:
-    meta, train, val = tiny_data()
-    result = fit(config("train.epochs=1", "data.on_device=never"), meta, train, val, ckpt_dir=None, quiet=True)
-    assert len(result.history) == 1
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_data_trains_exactly_like_data_held_in_memory(tmp_path: Path, workers: int) -> None:
+    """data.on_device=never: a DataLoader (worker processes re-mapping the .npz) feeds the same batches
+    in the same order as the in-memory path, so the weights and metrics come out identical."""
+    from cnnpipe.data.store import load_split, save_split
+    from cnnpipe.data.streaming import LoaderBatches
+
+    meta, train, val = tiny_data(70)
+    save_split(tmp_path / "train.npz", train)
+    mapped = load_split(tmp_path / "train.npz", mmap=True)
+    assert isinstance(mapped.images, np.memmap)
+    held = fit(config("train.epochs=2", "data.on_device=always"), meta, train, val, ckpt_dir=None, quiet=True)
+    streamed = fit(
+        config("train.epochs=2", "data.on_device=never", f"data.workers={workers}"),
+        meta,
+        mapped,
+        val,
+        ckpt_dir=None,
+        quiet=True,
+    )
+    assert isinstance(streamed.trainer.train_dataloader, LoaderBatches)
+    assert streamed.trainer.global_step == held.trainer.global_step == 2 * 5
+    assert torch.equal(weights(streamed.net), weights(held.net))
+    assert comparable(streamed.history) == comparable(held.history)
 
 
 class CountsBackward(Callback):
@@ -180,3 +202,41 @@ def test_train_metrics_are_the_epoch_means() -> None:
     expected_acc = multiclass_accuracy(torch.cat(steps.preds), torch.cat(steps.targets), num_classes=3).item()
     assert result.history[0]["train/loss"] == pytest.approx(expected_loss, rel=1e-6)
     assert result.history[0]["train/acc"] == pytest.approx(expected_acc, rel=1e-6)
+
+
+def test_each_epoch_sees_a_new_order_that_a_resume_repeats(tmp_path: Path) -> None:
+    """The training order is a seeded permutation per epoch (from the trainer's epoch, not from counting
+    passes): epochs differ, and a fit interrupted after two epochs and resumed sees epoch 3's order."""
+
+    class Order(Callback):
+        def __init__(self, stop_at: int | None = None) -> None:
+            self.epochs: dict[int, list[bytes]] = {}
+            self.stop_at = stop_at
+
+        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            if trainer.current_epoch == self.stop_at:
+                raise KeyboardInterrupt
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.epochs.setdefault(trainer.current_epoch, []).extend(x.numpy().tobytes() for x in batch[0])
+
+    meta, train, val = tiny_data(70)
+    cfg = config("train.epochs=3", "trainer.steps_per_call=1")
+    full = Order()
+    fit(cfg, meta, train, val, ckpt_dir=tmp_path / "full", quiet=True, callbacks=[full])
+    assert len({tuple(v) for v in full.epochs.values()}) == 3
+    assert all(sorted(v) == sorted(full.epochs[0]) for v in full.epochs.values())  # each a permutation
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, meta, train, val, ckpt_dir=tmp_path / "part", quiet=True, callbacks=[Order(stop_at=2)])
+    resumed = Order()
+    fit(
+        cfg,
+        meta,
+        train,
+        val,
+        ckpt_dir=tmp_path / "part",
+        quiet=True,
+        callbacks=[resumed],
+        resume_from=tmp_path / "part" / "last.ckpt",
+    )
+    assert list(resumed.epochs) == [2] and resumed.epochs[2] == full.epochs[2]

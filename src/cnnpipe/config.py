@@ -49,6 +49,7 @@ class DataConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     batch_size: int = 64
     on_device: str = "auto"
+    workers: int = 2
 
 
 @dataclass
@@ -306,6 +307,7 @@ def validate(cfg: Config) -> None:
     _check(abs(total - 1) < 1e-6, "data.split", "ratios that sum to 1", round(total, 6))
     _check(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
     _check(d.on_device in ("auto", "always", "never"), "data.on_device", "auto, always or never", d.on_device)
+    _check(d.workers >= 0, "data.workers", ">= 0", d.workers)
 
     a = cfg.augment
     _check(0 <= a.copies <= 100, "augment.copies", "between 0 and 100", a.copies)

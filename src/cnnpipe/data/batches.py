@@ -1,5 +1,10 @@
-"""In-memory batches: the whole split lives in one tensor (on the training device when it fits),
-and a batch is one index into it — no Dataset, no per-sample Python, no host copy per step.
+"""Which samples each training step sees, and in-memory batches built from that.
+
+`IndexBatches` is the one place that orders samples: a seeded permutation per epoch (or the plain order
+for evaluation), sharded per DDP rank, cut into batches. `TensorBatches` indexes whole splits that live in
+one tensor (on the training device when they fit): a batch is one gather, no Dataset, no per-sample Python,
+no host copy per step. The DataLoader path (data/streaming.py) uses the same `IndexBatches` as its batch
+sampler, so both paths train on the same batches in the same order.
 
 A training iterable may hand over several consecutive batches at once (`steps_per_call`): one gather,
 which the LightningModule splits into per-step views (see `ImageClassifier`).
@@ -10,19 +15,17 @@ seen once per epoch across ranks; evaluation shards are not padded (no double co
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 
-class TensorBatches:
-    """Iterable of (float images in [0, 1], int64 labels) batches over uint8 tensors; each item holds up
-    to `steps_per_call` batches of `batch_size` back to back (the last of an epoch may be shorter)."""
+class IndexBatches:
+    """Per epoch: index tensors of up to `batch_size * steps_per_call` samples (the last may be shorter)."""
 
     def __init__(
         self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
+        n: int,
         batch_size: int,
         *,
         shuffle: bool,
@@ -31,29 +34,29 @@ class TensorBatches:
         rank: int = 0,
         world_size: int = 1,
         steps_per_call: int = 1,
+        epoch_of: Callable[[], int] | None = None,
     ) -> None:
-        self.images, self.labels = images, labels
-        self.steps_per_call = max(1, steps_per_call)
-        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.n, self.batch_size, self.shuffle, self.seed, self.drop_last = n, batch_size, shuffle, seed, drop_last
         self.rank, self.world_size = rank, world_size
+        self.steps_per_call = max(1, steps_per_call)
+        # Under a Trainer the epoch comes from it (`epoch_of`): Lightning stops at the last batch without
+        # exhausting the iterator and may call iter() more than once per epoch, so counting passes is wrong.
+        self.epoch_of = epoch_of
         self.epoch = 0
 
-    def to(self, device: torch.device | str) -> TensorBatches:
-        self.images, self.labels = self.images.to(device), self.labels.to(device)
-        return self
-
-    def shard(self, rank: int, world_size: int) -> TensorBatches:
+    def shard(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
-        return self
 
     def set_epoch(self, epoch: int) -> None:
-        """Start the per-epoch permutations at `epoch` (after a resume, the trainer's current epoch)."""
+        """The next pass is epoch `epoch` (without `epoch_of`)."""
         self.epoch = epoch
 
-    def _indices(self) -> torch.Tensor:
-        n = len(self.labels)
+    def order(self) -> torch.Tensor:
+        """This rank's samples for the current epoch, in the order they are seen."""
+        n = self.n
         if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            epoch = self.epoch_of() if self.epoch_of is not None else self.epoch
+            gen = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(n, generator=gen)
         else:
             order = torch.arange(n)
@@ -61,12 +64,12 @@ class TensorBatches:
             if self.shuffle:  # equal shard sizes keep DDP ranks in step: drop the remainder
                 order = order[: n - n % self.world_size]
             order = order[self.rank :: self.world_size]
-        return order.to(self.labels.device)
+        return order
 
     @property
     def steps_per_epoch(self) -> int:
         """Batches of `batch_size` per epoch on this rank (optimiser steps, whatever `steps_per_call`)."""
-        n = len(self.labels)
+        n = self.n
         if self.world_size > 1:
             if self.shuffle:
                 n -= n % self.world_size
@@ -76,11 +79,42 @@ class TensorBatches:
     def __len__(self) -> int:
         return -(-self.steps_per_epoch // self.steps_per_call)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self._indices()
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        order = self.order()
+        self.epoch += 1  # without `epoch_of`: each pass is the next epoch
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         chunk = self.batch_size * self.steps_per_call
         for start in range(0, stop, chunk):
-            idx = order[start : min(start + chunk, stop)]
+            yield order[start : min(start + chunk, stop)]
+
+
+class TensorBatches:
+    """Iterable of (float images in [0, 1], int64 labels) batches over uint8 tensors; each item holds up
+    to `steps_per_call` batches of `batch_size` back to back (the last of an epoch may be shorter)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, index: IndexBatches) -> None:
+        self.images, self.labels, self.index = images, labels, index
+
+    def to(self, device: torch.device | str) -> TensorBatches:
+        self.images, self.labels = self.images.to(device), self.labels.to(device)
+        return self
+
+    def shard(self, rank: int, world_size: int) -> TensorBatches:
+        self.index.shard(rank, world_size)
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.index.set_epoch(epoch)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.index.steps_per_epoch
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        device = self.labels.device
+        for idx in self.index:
+            idx = idx.to(device)
             yield self.images[idx].float().div_(255.0), self.labels[idx]
-        self.epoch += 1

@@ -1,29 +1,45 @@
-"""LightningDataModule over prepared splits held in memory (on the training device)."""
+"""LightningDataModule over prepared splits: in memory on the training device when they fit, else
+streamed by a DataLoader from the memory-mapped files (data/streaming.py)."""
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
-from cnnpipe.data.batches import TensorBatches
+from cnnpipe.data.batches import IndexBatches, TensorBatches
 from cnnpipe.data.store import Split
+from cnnpipe.data.streaming import LoaderBatches, SplitDataset, to_float_images
+
+
+def available_host_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def keep_on_device(policy: str, device: torch.device, nbytes: int) -> bool:
-    """Whether the splits live on the training device: always, never, or (auto) on a GPU when they take
-    under a quarter of its free memory — the rest is left for activations."""
-    if device.type == "cpu" or policy == "always":
-        return True
-    if policy == "never":
-        return False
+    """Whether the splits are held whole on the training device (`always`), streamed by a DataLoader
+    (`never`), or (`auto`) held when they take under a quarter of the device's free memory — the rest
+    is left for activations (on the CPU: under a quarter of the host's available memory)."""
+    if policy in ("always", "never"):
+        return policy == "always"
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return nbytes < free // 4
+    if device.type == "cpu":
+        available = available_host_memory()
+        return available is None or nbytes < available // 4
     return True
 
 
 class InMemoryDataModule(pl.LightningDataModule):
-    """Train and val splits as uint8 tensors; moved to the device once, batched by indexing."""
+    """Train and val splits as uint8 arrays. Held on the device: batched by indexing. Otherwise:
+    DataLoader workers read batches from the files, and they become floats on the device."""
 
     def __init__(
         self,
@@ -34,42 +50,53 @@ class InMemoryDataModule(pl.LightningDataModule):
         channels_last: bool = False,
         on_device: str = "auto",
         steps_per_call: int = 1,
+        workers: int = 2,
     ) -> None:
         super().__init__()
         self.train_split, self.val_split = train, val
         self.batch_size, self.seed, self.channels_last, self.on_device = batch_size, seed, channels_last, on_device
-        self.steps_per_call = steps_per_call
+        self.steps_per_call, self.workers = steps_per_call, workers
 
-    def _batches(self, split: Split, shuffle: bool) -> TensorBatches:
+    def _device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+
+    def held_on_device(self) -> bool:
+        nbytes = self.train_split.images.nbytes + self.val_split.images.nbytes
+        return keep_on_device(self.on_device, self._device(), nbytes)
+
+    def _batches(self, split: Split, shuffle: bool) -> TensorBatches | LoaderBatches:
         trainer = self.trainer
-        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        if not keep_on_device(self.on_device, device, self.train_split.images.nbytes + self.val_split.images.nbytes):
-            device = torch.device("cpu")  # batches are indexed in host memory; Lightning moves each one over
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        images, labels = torch.from_numpy(split.images), torch.from_numpy(split.labels)
-        if self.channels_last:  # stored NHWC once, so every indexed batch already is
-            images = images.contiguous(memory_format=torch.channels_last)
         # Drop a ragged last training batch only when it could be a single sample (BatchNorm needs 2).
-        drop_last = shuffle and (len(labels) // max(world, 1)) % self.batch_size == 1
+        drop_last = shuffle and (len(split.labels) // max(world, 1)) % self.batch_size == 1
         # Several steps per Lightning iteration only on one process: under DDP every step's forward must
         # pass through the DDP wrapper, which Lightning calls once per iteration.
         per_call = self.steps_per_call if shuffle and world == 1 else 1
-        batches = TensorBatches(
-            images,
-            labels,
+        index = IndexBatches(
+            len(split.labels),
             self.batch_size,
             shuffle=shuffle,
             seed=self.seed,
             drop_last=drop_last,
+            rank=rank,
+            world_size=world,
             steps_per_call=per_call,
+            epoch_of=(lambda: trainer.current_epoch) if trainer is not None else None,
         )
-        return batches.to(device).shard(rank, world)
+        if not self.held_on_device():
+            pin = self._device().type == "cuda"
+            return LoaderBatches(SplitDataset(split), index, self.workers, pin_memory=pin)
+        images = torch.from_numpy(np.array(split.images))  # a copy: the split may be a read-only memory map
+        labels = torch.from_numpy(np.asarray(split.labels, dtype=np.int64))
+        if self.channels_last:  # stored NHWC once, so every indexed batch already is
+            images = images.contiguous(memory_format=torch.channels_last)
+        return TensorBatches(images, labels, index).to(self._device())
 
-    def train_dataloader(self) -> TensorBatches:
-        batches = self._batches(self.train_split, shuffle=True)
-        if self.trainer is not None:
-            batches.set_epoch(self.trainer.current_epoch)
-        return batches
+    def train_dataloader(self) -> TensorBatches | LoaderBatches:
+        return self._batches(self.train_split, shuffle=True)
 
-    def val_dataloader(self) -> TensorBatches:
+    def val_dataloader(self) -> TensorBatches | LoaderBatches:
         return self._batches(self.val_split, shuffle=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return to_float_images(batch, self.channels_last)

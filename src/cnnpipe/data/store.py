@@ -1,8 +1,12 @@
-"""Prepared data on disk: one `.npz` per split (uint8 images, int64 labels; no pickle) plus meta.json."""
+"""Prepared data on disk: one `.npz` per split (uint8 images, int64 labels; no pickle) plus meta.json.
+
+The `.npz` is written uncompressed, so its images can also be memory-mapped in place (`load_split(...,
+mmap=True)`): a split larger than memory is then paged in by the OS as batches need it."""
 
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +18,9 @@ from cnnpipe.errors import DataError
 
 @dataclass
 class Split:
-    images: np.ndarray  # uint8 (N, C, H, W)
+    images: np.ndarray  # uint8 (N, C, H, W); a read-only np.memmap when loaded with mmap=True
     labels: np.ndarray  # int64 (N,)
+    source: Path | None = None  # the file the images are mapped from (mmap=True)
 
 
 def save_split(path: Path, split: Split) -> None:
@@ -27,14 +32,48 @@ def save_split(path: Path, split: Split) -> None:
         )
 
 
-def load_split(path: Path) -> Split:
+def load_split(path: Path, mmap: bool = False) -> Split:
+    """Read a split; with `mmap` the images stay on disk as a read-only memory map (labels are read)."""
     if not path.is_file():
         raise DataError(f"{path}: missing (run the stage that writes it first, or `dvc repro`)")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return Split(npz["images"], npz["labels"])
-    except (OSError, ValueError, KeyError) as exc:
+            labels = npz["labels"]
+            if mmap:
+                return Split(map_npz_member(path, "images"), labels, source=path)
+            return Split(npz["images"], labels)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: not a cnnpipe split file ({exc})") from None
+
+
+def map_npz_member(path: Path, name: str) -> np.ndarray:
+    """Memory-map array `name` of an uncompressed `.npz`: the member is a plain `.npy` file stored at
+    some offset in the zip, so numpy can map its data where it lies. numpy's own `np.load(mmap_mode=)`
+    ignores `.npz` files."""
+    with zipfile.ZipFile(path) as zf:
+        member = zf.getinfo(f"{name}.npy")
+    if member.compress_type != zipfile.ZIP_STORED:
+        raise ValueError(f"{name} is compressed and cannot be memory-mapped")
+    with open(path, "rb") as fh:
+        fh.seek(member.header_offset)
+        local = fh.read(30)  # the local file header: its name and extra field lengths can differ from the index
+        if local[:4] != b"PK\x03\x04":
+            raise ValueError("bad zip member header")
+        name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+        fh.seek(member.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f"{name}: .npy format {version} not supported for memory-mapping")
+        offset = fh.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{name} holds Python objects")
+    if not shape or np.prod(shape) == 0:
+        return np.zeros(shape, dtype=dtype)  # np.memmap refuses empty arrays
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, order="F" if fortran else "C", offset=offset)
 
 
 def load_meta(folder: Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from cnnpipe.training.callbacks import EpochHistory, MetricSink
 from cnnpipe.training.finetune import FreezeBackbone
 from cnnpipe.training.init_from import initialise_from
 from cnnpipe.training.module import ImageClassifier
-from cnnpipe.training.trainer import build_trainer, checkpoint_callback, use_channels_last
+from cnnpipe.training.trainer import build_trainer, checkpoint_callbacks, use_channels_last
 
 
 @dataclass
@@ -77,19 +78,25 @@ def fit(
         channels_last=use_channels_last(cfg),
         on_device=cfg.data.on_device,
         steps_per_call=cfg.trainer.steps_per_call,
+        workers=cfg.data.workers,
     )
     history = EpochHistory(sinks, quiet=quiet)
     ckpt = None
+    savers: list[Callback] = []
     if ckpt_dir is not None:
         if resume_from is None:
             for stale in ckpt_dir.glob("*.ckpt"):
                 stale.unlink()
-        ckpt = checkpoint_callback(cfg, ckpt_dir)
-    trainer = build_trainer(cfg, [history, *([ckpt] if ckpt else []), *(callbacks or [])], root_dir=ckpt_dir)
+        ckpt, last = checkpoint_callbacks(cfg, ckpt_dir)
+        savers = [ckpt, last]
+    trainer = build_trainer(cfg, [history, *savers, *(callbacks or [])], root_dir=ckpt_dir)
     if expect_rank is not None and trainer.global_rank != expect_rank:
         raise RuntimeError(f"launch environment says rank {expect_rank}, Lightning says {trainer.global_rank}")
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
+        with warnings.catch_warnings():
+            if resume_from is not None:  # the folder holds the checkpoints we resume from, as it should
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
     except SystemExit:
         if trainer.interrupted:
             signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning set it to SIG_IGN

@@ -85,7 +85,7 @@ def run_training(cfg: Config, root: Path) -> dict[str, Any]:
     prepared, augmented = root / cfg.paths.prepared, root / cfg.paths.augmented
     meta = load_meta(prepared)
     train_file, val_file = augmented / "train.npz", prepared / "val.npz"
-    train, val = load_split(train_file), load_split(val_file)
+    train, val = load_split(train_file, mmap=True), load_split(val_file, mmap=True)
     out = root / cfg.paths.models
     tags = {**run_tags(root, "train", cfg.data.name, file_digest(train_file, val_file)), **hparam_tags}
     info(

@@ -28,17 +28,23 @@ def use_channels_last(cfg: Config) -> bool:
     return cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
-def checkpoint_callback(cfg: Config, ckpt_dir: Path) -> ModelCheckpoint:
-    return ModelCheckpoint(
+def checkpoint_callbacks(cfg: Config, ckpt_dir: Path) -> tuple[ModelCheckpoint, ModelCheckpoint]:
+    """`best.ckpt` (best on `train.monitor`) and `last.ckpt` (every epoch, what a resume continues from).
+    Two callbacks, because Lightning 2.6's `save_last=True` rewrites last.ckpt only in epochs where the
+    best one improved: a resume would then repeat every epoch since the last improvement."""
+    best = ModelCheckpoint(
         dirpath=ckpt_dir,
         filename="best",
         monitor=cfg.train.monitor,
         mode=cfg.train.monitor_mode,
         save_top_k=1,
-        save_last=True,
         auto_insert_metric_name=False,
         enable_version_counter=False,
     )
+    last = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, every_n_epochs=1, enable_version_counter=False
+    )
+    return best, last
 
 
 def build_trainer(

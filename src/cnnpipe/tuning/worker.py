@@ -40,7 +40,7 @@ def run_worker(cfg: Config, root: Path, parent_run_id: str | None, index: int = 
     study = load_study(cfg, root, worker_index=index)
     prepared, augmented = root / cfg.paths.prepared, root / cfg.paths.augmented
     meta = load_meta(prepared)
-    train, val = load_split(augmented / "train.npz"), load_split(prepared / "val.npz")
+    train, val = load_split(augmented / "train.npz", mmap=True), load_split(prepared / "val.npz", mmap=True)
     digest = file_digest(augmented / "train.npz", prepared / "val.npz")
     experiment = experiment_name(cfg)
     objective = TrialObjective(cfg, root, meta, train, val, experiment, study_name(cfg), parent_run_id, digest)
