@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -47,15 +48,20 @@ def stopwatch() -> Iterator[dict[str, float]]:
 def interleaved(
     sides: dict[str, Callable[[], float]], repeats: int, warmup: int = 1, label: str = ""
 ) -> dict[str, list[float]]:
-    """Call each side `warmup` times (discarded), then `repeats` rounds of A, B, ...; each call returns its
-    own measurement (seconds of the timed region), so set-up outside that region is not counted."""
+    """Call each side `warmup` times (discarded), then `repeats` rounds: A, B, ... in even rounds and in
+    reverse order in odd ones (ABBA), so a drift of the machine's speed or an after-effect of one side on the
+    next (garbage, caches) does not always favour the same side. Each call returns its own measurement
+    (seconds of the timed region), so set-up outside that region is not counted; garbage is collected
+    before each call, outside it."""
     for _ in range(warmup):
         for fn in sides.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in sides}
+    names = list(sides)
     for i in range(repeats):
-        for name, fn in sides.items():
-            samples[name].append(fn())
+        for name in names if i % 2 == 0 else reversed(names):
+            gc.collect()
+            samples[name].append(sides[name]())
         if label:
             shown = "  ".join(f"{name} {values[-1]:.4g}" for name, values in samples.items())
             print(f"[{label}] repeat {i + 1}/{repeats}: {shown}", flush=True)

@@ -54,18 +54,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ],
         root,
     )
-    for kind in ("single", "ddp"):
-        run(
-            [
-                sys.executable,
-                "pipelines/evaluate.py",
-                *COMMON,
-                uri,
-                f"paths.models=models-{kind}",
-                f"paths.eval=eval-{kind}",
-            ],
-            root,
-        )
+    from cnnpipe.config import load_config
+    from cnnpipe.evaluation.run_evaluation import run_evaluation
+
+    for kind in ("single", "ddp"):  # in-process: evaluation is not what is tested here
+        cfg = load_config([*COMMON, uri, f"paths.models=models-{kind}", f"paths.eval=eval-{kind}"], root=root)
+        run_evaluation(cfg, root)
     return root
 
 

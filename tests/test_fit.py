@@ -202,6 +202,17 @@ def test_train_metrics_are_the_epoch_means() -> None:
     expected_acc = multiclass_accuracy(torch.cat(steps.preds), torch.cat(steps.targets), num_classes=3).item()
     assert result.history[0]["train/loss"] == pytest.approx(expected_loss, rel=1e-6)
     assert result.history[0]["train/acc"] == pytest.approx(expected_acc, rel=1e-6)
+    # validation ran on the final weights (one epoch): its metrics over the whole val split
+    from torchmetrics.functional.classification import multiclass_f1_score
+
+    with torch.no_grad():
+        logits = result.net.eval()(torch.from_numpy(val.images).float() / 255)
+    labels = torch.from_numpy(val.labels)
+    loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    assert result.history[0]["val/loss"] == pytest.approx(loss, rel=1e-5)
+    assert result.history[0]["val/acc"] == pytest.approx(multiclass_accuracy(logits, labels, num_classes=3).item())
+    f1 = multiclass_f1_score(logits, labels, num_classes=3, average="macro").item()
+    assert result.history[0]["val/f1_macro"] == pytest.approx(f1)
 
 
 def test_each_epoch_sees_a_new_order_that_a_resume_repeats(tmp_path: Path) -> None:

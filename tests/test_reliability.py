@@ -146,26 +146,28 @@ def test_two_trainings_at_once_on_the_sqlite_store(project: Path) -> None:
 
 
 def test_same_seed_deterministic_gives_identical_results(project: Path) -> None:
-    uri, _ = store(project, "determinism")
+    """Two train + evaluate runs with the same seed: identical weights and test metrics. In-process (the
+    stages' own functions), as process start-up would double the test's time."""
+    from cnnpipe.config import load_config
+    from cnnpipe.evaluation.run_evaluation import run_evaluation
+    from cnnpipe.training.run_training import run_training
+
+    uri, client = store(project, "determinism")
     results = []
     for i in range(2):
-        args = (
+        args = [
+            *FAST,
             uri,
             f"paths.models=models-det{i}",
             f"paths.eval=eval-det{i}",
             "paths.checkpoints=ckpt-det",
             "train.epochs=2",
             "train.deterministic=true",
-        )
-        assert train(project, *args).returncode == 0
-        proc = subprocess.run(
-            [sys.executable, "pipelines/evaluate.py", *FAST, *args],
-            cwd=project,
-            env=stage_env(),
-            capture_output=True,
-            text=True,
-        )
-        assert proc.returncode == 0, proc.stderr[-2000:]
+            "trainer.threads=1",
+        ]
+        cfg = load_config(args, root=project)
+        run_training(cfg, project)
+        run_evaluation(cfg, project)
         results.append(
             (
                 (project / f"models-det{i}" / "model.safetensors").read_bytes(),
@@ -174,6 +176,7 @@ def test_same_seed_deterministic_gives_identical_results(project: Path) -> None:
         )
     assert results[0][0] == results[1][0]
     assert results[0][1] == results[1][1]
+    assert {r.info.status for r in train_runs(client)} == {"FINISHED"}
 
 
 def _free_port() -> int:

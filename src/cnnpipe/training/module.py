@@ -15,6 +15,17 @@ from cnnpipe.config import OptimConfig
 from cnnpipe.training.direct_step import can_step_directly
 from cnnpipe.training.distributed import scaled_lr
 
+Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # predicted classes, labels, mean loss of one batch
+
+
+def summarise(outputs: list[Outputs]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """All predictions and labels of a pass, its summed loss (float64: the same sum whatever the memory
+    layout) and sample count, without a host sync."""
+    preds, targets, losses = zip(*outputs, strict=True)
+    sizes = [len(t) for t in targets]
+    weights = torch.tensor(sizes, dtype=torch.float64, device=losses[0].device)
+    return torch.cat(preds), torch.cat(targets), (torch.stack(losses).double() * weights).sum(), sum(sizes)
+
 
 def build_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
@@ -65,7 +76,8 @@ class ImageClassifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes, validate_args=False)
         self.val_f1 = MulticlassF1Score(num_classes, average="macro", validate_args=False)
-        self._epoch: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._epoch: list[Outputs] = []  # this epoch's training steps
+        self._val: list[Outputs] = []  # this validation pass
         self._direct = False  # set at train start: see training/direct_step.py
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,16 +121,13 @@ class ImageClassifier(pl.LightningModule):
         self._epoch.append((logits.detach().argmax(1), y, loss.detach()))
 
     def _log_train_epoch(self) -> None:
-        preds, targets, losses = zip(*self._epoch, strict=True)
-        sizes = torch.tensor([len(t) for t in targets], dtype=torch.float64, device=losses[0].device)
-        # Batch-weighted mean over this rank (float64: the same sum whatever the memory layout); ranks hold
-        # equal-sized shards, so the DDP mean of the rank means is the global mean.
-        mean = (torch.stack(losses).double() * sizes).sum() / sizes.sum()
-        # batch_size=1: one value per epoch, not to be re-weighted by the size of whatever batch came last
-        self.log("train/loss", mean.float(), on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
-        self.train_acc.update(torch.cat(preds), torch.cat(targets))  # class indices: same stats as logits
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        preds, targets, loss_sum, n = summarise(self._epoch)
         self._epoch = []
+        # Ranks hold equal-sized training shards, so the DDP mean of the rank means is the global mean.
+        # batch_size=1: one value per epoch, not to be re-weighted by the size of whatever batch came last.
+        self.log("train/loss", (loss_sum / n).float(), on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+        self.train_acc.update(preds, targets)  # class indices: the same statistics as from the logits
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
 
     def on_train_start(self) -> None:
         self._direct = can_step_directly(self.trainer)
@@ -144,18 +153,23 @@ class ImageClassifier(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
-        self.val_acc.update(logits, y)
-        self.val_f1.update(logits, y)
-        self.log(
-            "val/loss",
-            self._loss(logits, y),
-            on_step=False,
-            on_epoch=True,
-            batch_size=y.shape[0],
-            sync_dist=True,
-        )
-        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True)
-        self.log("val/f1_macro", self.val_f1, on_step=False, on_epoch=True)
+        self._val.append((logits.argmax(1), y, self._loss(logits, y)))
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = []
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val:
+            return
+        preds, targets, loss_sum, n = summarise(self._val)
+        self._val = []
+        # batch_size=n: Lightning sums value x n and n over the ranks, so val/loss is the mean over the whole
+        # split even though the unpadded shards differ in size.
+        self.log("val/loss", (loss_sum / n).float(), on_epoch=True, batch_size=n, sync_dist=True)
+        self.val_acc.update(preds, targets)
+        self.val_f1.update(preds, targets)
+        self.log("val/acc", self.val_acc, on_epoch=True)
+        self.log("val/f1_macro", self.val_f1, on_epoch=True)
 
     def configure_optimizers(self) -> Any:
         world_size = self._trainer.world_size if self._trainer is not None else 1
