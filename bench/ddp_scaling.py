@@ -84,26 +84,38 @@ def run(repeats: int | None = None, quick: bool = False, threads: int = 1, epoch
         for _ in range(repeats):
             for name in SIDES:
                 samples[name].append(side(name))
+    record = make_record(samples, repeats, epochs, n_train, threads, quick)
+    write_result(record)
+    return record
+
+
+def make_record(
+    samples: dict[str, list[float]], repeats: int, epochs: int, n_train: int, threads: int, quick: bool
+) -> dict:
+    """Scaling efficiency = DDP 2x1 throughput / (2 x the 1x1 throughput), per interleaved round; the
+    same-cores comparison (DDP 2x1 / 1x2) beside it."""
+    efficiency = [d / (2 * s) for d, s in zip(samples["ddp_2x1"], samples["single_1x1"], strict=True)]
     ddp_vs_1 = paired_ratios(samples["ddp_2x1"], samples["single_1x1"])
     ddp_vs_2 = paired_ratios(samples["ddp_2x1"], samples["single_1x2"])
     two_vs_1 = paired_ratios(samples["single_1x2"], samples["single_1x1"])
-    record = result(
+    return result(
         name=NAME,
         title="DDP scaling on CPU",
         what=f"train img/s (epoch time from MLflow), global batch {GLOBAL_BATCH}, DDP 2 proc x 1 thread vs 1 proc x 1 "
-        "thread (also vs 1 x 2 threads)",
-        ours=f"{median(samples['ddp_2x1']):,.0f} img/s (DDP 2x1)",
+        "thread (also vs 1 x 2 threads); ratio = scaling efficiency, DDP 2x1 / (2 x 1x1)",
+        ours=f"{median(samples['ddp_2x1']):,.0f} img/s (DDP 2x1; {median(ddp_vs_2):.2f} of 1x2 on the same 2 cores)",
         baseline=f"{median(samples['single_1x1']):,.0f} img/s (1x1); {median(samples['single_1x2']):,.0f} img/s (1x2)",
-        ratio=median(ddp_vs_1),
-        ratio_label="DDP 2x1 / 1x1",
+        ratio=median(efficiency),
+        ratio_label="DDP 2x1 / (2 x 1x1)",
         goal_op=">=",
-        goal=1.0,
+        goal=0.85,
         threads=threads,
         quick=quick,
         details={
             "unit": "images/s",
             **{f"{name}_images_per_s": spread(v) for name, v in samples.items()},
             "samples_images_per_s": samples,
+            "scaling_efficiency_per_round": efficiency,
             "ratio_ddp_2x1_over_1x1": median(ddp_vs_1),
             "ratio_ddp_2x1_over_1x2": median(ddp_vs_2),
             "ratio_1x2_over_1x1": median(two_vs_1),
@@ -116,12 +128,9 @@ def run(repeats: int | None = None, quick: bool = False, threads: int = 1, epoch
         notes=[
             f"1 x 2 threads / 1 x 1 thread: {median(two_vs_1):.2f}; DDP 2x1 / 1x2: {median(ddp_vs_2):.2f}",
             "the machine's 2 cores are shared with other work: any side using both cores suffers most from it",
+            "one gloo all-reduce costs ~2.3 ms between 2 processes here (python -m bench.gloo_latency)",
         ],
     )
-    record["goal"] = "info (no goal set)"
-    record["met"] = None
-    write_result(record)
-    return record
 
 
 def _param(project: Path, section: str, key: str) -> str:
