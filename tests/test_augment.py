@@ -303,7 +303,7 @@ def test_shuffle_differs_between_epochs_and_is_seeded() -> None:
     assert not torch.equal(a0, a1)
     assert torch.equal(a0, torch.cat(epoch_labels(b)))
     assert torch.equal(a1, torch.cat(epoch_labels(b)))
-    a.set_epoch(0)
+    a.index.set_epoch(0)
     assert torch.equal(torch.cat(epoch_labels(a)), a0)
     assert not torch.equal(a0, torch.cat(epoch_labels(make_batches(shuffle=True, seed=8))))
 
@@ -327,9 +327,9 @@ def test_ranks_get_disjoint_shards(world_size: int, shuffle: bool) -> None:
         assert union == set(range(n))
 
 
-def test_shard_sets_rank_and_world_size() -> None:
+def test_a_rank_takes_every_world_size_th_sample() -> None:
     full = make_batches(shuffle=False)
-    part = make_batches(shuffle=False).shard(1, 2)
+    part = make_batches(shuffle=False, rank=1, world_size=2)
     assert torch.cat(epoch_labels(part)).tolist() == torch.cat(epoch_labels(full)).tolist()[1::2]
 
 

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from cnnpipe.data.augment import to_float
+
 
 class IndexBatches:
     """Per epoch: index tensors of up to `batch_size * steps_per_call` samples (the last may be shorter)."""
@@ -43,9 +45,6 @@ class IndexBatches:
         # exhausting the iterator and may call iter() more than once per epoch, so counting passes is wrong.
         self.epoch_of = epoch_of
         self.epoch = 0
-
-    def shard(self, rank: int, world_size: int) -> None:
-        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         """The next pass is epoch `epoch` (without `epoch_of`)."""
@@ -99,13 +98,6 @@ class TensorBatches:
         self.images, self.labels = self.images.to(device), self.labels.to(device)
         return self
 
-    def shard(self, rank: int, world_size: int) -> TensorBatches:
-        self.index.shard(rank, world_size)
-        return self
-
-    def set_epoch(self, epoch: int) -> None:
-        self.index.set_epoch(epoch)
-
     @property
     def steps_per_epoch(self) -> int:
         return self.index.steps_per_epoch
@@ -117,4 +109,4 @@ class TensorBatches:
         device = self.labels.device
         for idx in self.index:
             idx = idx.to(device)
-            yield self.images[idx].float().div_(255.0), self.labels[idx]
+            yield to_float(self.images[idx]), self.labels[idx]

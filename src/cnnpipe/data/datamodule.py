@@ -56,13 +56,16 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.train_split, self.val_split = train, val
         self.batch_size, self.seed, self.channels_last, self.on_device = batch_size, seed, channels_last, on_device
         self.steps_per_call, self.workers = steps_per_call, workers
+        self.held_on_device: bool | None = None  # decided once per run, in setup()
 
     def _device(self) -> torch.device:
         return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
 
-    def held_on_device(self) -> bool:
+    def setup(self, stage: str) -> None:
+        """Hold both splits on the device or stream both: one decision, before either is placed (the free
+        memory a second look would see already has the first split in it)."""
         nbytes = self.train_split.images.nbytes + self.val_split.images.nbytes
-        return keep_on_device(self.on_device, self._device(), nbytes)
+        self.held_on_device = keep_on_device(self.on_device, self._device(), nbytes)
 
     def _batches(self, split: Split, shuffle: bool) -> TensorBatches | LoaderBatches:
         trainer = self.trainer
@@ -83,7 +86,9 @@ class InMemoryDataModule(pl.LightningDataModule):
             steps_per_call=per_call,
             epoch_of=(lambda: trainer.current_epoch) if trainer is not None else None,
         )
-        if not self.held_on_device():
+        if self.held_on_device is None:
+            self.setup("fit")  # used without a Trainer
+        if not self.held_on_device:
             pin = self._device().type == "cuda"
             return LoaderBatches(SplitDataset(split), index, self.workers, pin_memory=pin)
         images = torch.from_numpy(np.array(split.images))  # a copy: the split may be a read-only memory map

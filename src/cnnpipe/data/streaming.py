@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from cnnpipe.data.augment import to_float
 from cnnpipe.data.batches import IndexBatches
 from cnnpipe.data.store import Split, map_npz_member
 
@@ -61,8 +62,8 @@ def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, t
 
 
 class LoaderBatches(DataLoader):
-    """A DataLoader whose batch sampler is an `IndexBatches`: exposes `steps_per_epoch` and `set_epoch`
-    like `TensorBatches`, so the module and datamodule treat both paths alike."""
+    """A DataLoader whose batch sampler is an `IndexBatches`: exposes `steps_per_epoch` like
+    `TensorBatches`, so the module sizes its schedule the same way on both paths."""
 
     def __init__(self, dataset: SplitDataset, index: IndexBatches, workers: int, pin_memory: bool) -> None:
         super().__init__(
@@ -80,14 +81,11 @@ class LoaderBatches(DataLoader):
     def steps_per_epoch(self) -> int:
         return self.index.steps_per_epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        self.index.set_epoch(epoch)
-
 
 def to_float_images(batch: Any, channels_last: bool) -> Any:
     """uint8 batches from the DataLoader path become float images in [0, 1] on the device."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and batch[0].dtype == torch.uint8:
-        images = batch[0].float().div_(255.0)
+        images = to_float(batch[0])
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, batch[1]

@@ -89,7 +89,7 @@ class ImageClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         optimizer = self.optimizers()  # Lightning's wrapper: counts global_step, runs the precision plugin
-        scheduler = self.lr_schedulers() if self._step_interval else None
+        scheduler = self.lr_schedulers() if self.optim_cfg.scheduler == "onecycle" else None  # per step
         if self.batch_size is None or labels.shape[0] <= self.batch_size:
             steps = [(images, labels)]
         else:
@@ -145,10 +145,6 @@ class ImageClassifier(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self.optim_cfg.scheduler == "cosine":  # per-epoch schedule; callbacks read the lr before this
             self.lr_schedulers().step()  # type: ignore[union-attr]
-
-    @property
-    def _step_interval(self) -> bool:
-        return self.optim_cfg.scheduler == "onecycle"
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
