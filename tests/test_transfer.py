@@ -25,6 +25,12 @@ def cfg_with(*overrides: str):
     )
 
 
+def fit_tiny(cfg, ckpt_dir: Path | None = None):
+    """`fit` on the tiny 3-class data of test_fit, quietly."""
+    meta, train, val = tiny_data()
+    return fit(cfg, meta, train, val, ckpt_dir=ckpt_dir, quiet=True, root=ROOT)
+
+
 def spec_for(classes: list[str]) -> dict:
     meta = {"image_shape": [1, 8, 8], "classes": classes, "mean": [0.1], "std": [0.2]}
     return model_spec(cfg_with().model, meta)
@@ -47,9 +53,8 @@ def test_init_from_a_models_folder_and_freeze_the_backbone(tmp_path: Path) -> No
     torch.manual_seed(1)
     source = build_model(spec_for(["x", "y", "z", "w"]))
     save_model(tmp_path / "source", source, spec_for(["x", "y", "z", "w"]))
-    meta, train, val = tiny_data()
     cfg = cfg_with("train.epochs=3", f"model.init_from={tmp_path / 'source'}", "model.freeze_epochs=2")
-    result = fit(cfg, meta, train, val, ckpt_dir=None, quiet=True, root=ROOT)
+    result = fit_tiny(cfg)
     # Frozen for epochs 1-2, then trained: the conv weights moved only after unfreezing, away from the source.
     first_conv = next(k for k in result.net.state_dict() if k.startswith("features.") and k.endswith("weight"))
     assert not torch.equal(result.net.state_dict()[first_conv], source.state_dict()[first_conv])
@@ -61,19 +66,17 @@ def test_frozen_backbone_stays_identical_while_frozen(tmp_path: Path) -> None:
     torch.manual_seed(2)
     source = build_model(spec_for(["p", "q", "r"]))
     save_model(tmp_path / "source", source, spec_for(["p", "q", "r"]))
-    meta, train, val = tiny_data()
     cfg = cfg_with("train.epochs=2", f"model.init_from={tmp_path / 'source'}", "model.freeze_epochs=5")
-    result = fit(cfg, meta, train, val, ckpt_dir=None, quiet=True, root=ROOT)
+    result = fit_tiny(cfg)
     for key, value in result.net.state_dict().items():
         if key.startswith("features."):
             assert torch.equal(value, source.state_dict()[key]), key
 
 
 def test_init_from_a_lightning_checkpoint(tmp_path: Path) -> None:
-    meta, train, val = tiny_data()
-    first = fit(cfg_with("train.epochs=1"), meta, train, val, ckpt_dir=tmp_path / "ckpt", quiet=True)
+    first = fit_tiny(cfg_with("train.epochs=1"), ckpt_dir=tmp_path / "ckpt")
     cfg = cfg_with("train.epochs=1", f"model.init_from={tmp_path / 'ckpt' / 'last.ckpt'}", "model.freeze_epochs=1")
-    second = fit(cfg, meta, train, val, ckpt_dir=None, quiet=True, root=ROOT)
+    second = fit_tiny(cfg)
     key = next(k for k in first.net.state_dict() if k.startswith("features."))
     assert torch.equal(second.net.state_dict()[key], first.net.state_dict()[key])  # frozen: still the source's
 
@@ -82,31 +85,13 @@ def test_an_architecture_that_does_not_fit_is_one_clear_error(tmp_path: Path) ->
     other = load_config(["model=resnet_small"], root=ROOT).model
     meta = {"image_shape": [1, 8, 8], "classes": ["a", "b"], "mean": [0.1], "std": [0.2]}
     save_model(tmp_path / "resnet", build_model(model_spec(other, meta)), model_spec(other, meta))
-    data_meta, train, val = tiny_data()
     with pytest.raises(ConfigError, match="no backbone weight fits"):
-        fit(
-            cfg_with("train.epochs=1", f"model.init_from={tmp_path / 'resnet'}"),
-            data_meta,
-            train,
-            val,
-            ckpt_dir=None,
-            quiet=True,
-            root=ROOT,
-        )
+        fit_tiny(cfg_with("train.epochs=1", f"model.init_from={tmp_path / 'resnet'}"))
 
 
 def test_init_from_must_name_something_loadable() -> None:
-    meta, train, val = tiny_data()
     with pytest.raises(ConfigError, match=r"model\.init_from"):
-        fit(
-            cfg_with("train.epochs=1", "model.init_from=nowhere"),
-            meta,
-            train,
-            val,
-            ckpt_dir=None,
-            quiet=True,
-            root=ROOT,
-        )
+        fit_tiny(cfg_with("train.epochs=1", "model.init_from=nowhere"))
 
 
 def test_freeze_epochs_needs_init_from() -> None:
