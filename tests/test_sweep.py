@@ -244,6 +244,22 @@ def test_workers_get_their_own_gpu_and_a_share_of_threads(monkeypatch: pytest.Mo
     assert worker_env(0, 1, 0)["CUDA_VISIBLE_DEVICES"] == ""  # no GPUs: left as it was
 
 
+def test_an_interrupted_last_trial_still_runs_when_the_study_resumes() -> None:
+    """The re-queued retry of the last trial fills the budget before it runs: the study is not done yet."""
+    from cnnpipe.tuning.storage import requeue, study_is_done
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    interrupted = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    study.tell(interrupted, state=TrialState.FAIL)
+    requeue(study, study.trials[-1])
+    assert [t.state for t in study.trials][-2:] == [TrialState.FAIL, TrialState.WAITING]
+    assert not study_is_done(study, 3)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    assert study.trials[-1].params == study.trials[-2].params and study.trials[-1].state == TrialState.COMPLETE
+    assert study_is_done(study, 3) and not study_is_done(study, 4)
+
+
 def test_ctrl_c_stops_cleanly_and_the_resumed_study_loses_nothing(project: Path) -> None:
     name = "ctrlc"
     args = (

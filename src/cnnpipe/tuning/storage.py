@@ -103,3 +103,11 @@ def budget_used(study: optuna.Study) -> int:
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
+
+
+def study_is_done(study: optuna.Study, n_trials: int) -> bool:
+    """The budget is used and no trial waits to run. A re-queued trial counts toward the budget before it
+    runs, so an interrupted last trial leaves the budget full: without the waiting check a resumed sweep
+    would stop with that trial never run."""
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    return not waiting and budget_used(study) >= n_trials

@@ -20,7 +20,7 @@ from cnnpipe.console import info
 from cnnpipe.data.store import load_meta, load_split
 from cnnpipe.training.run_training import experiment_name, file_digest
 from cnnpipe.tuning.objective import TrialObjective
-from cnnpipe.tuning.storage import budget_used, recover_dead_trials, requeue
+from cnnpipe.tuning.storage import recover_dead_trials, requeue, study_is_done
 from cnnpipe.tuning.study import load_study, study_name
 
 
@@ -48,7 +48,7 @@ def run_worker(cfg: Config, root: Path, parent_run_id: str | None, index: int = 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     while True:
         recover_dead_trials(study)
-        if budget_used(study) >= cfg.sweep.n_trials:
+        if study_is_done(study, cfg.sweep.n_trials):
             break
         if deadline is not None and time.monotonic() >= deadline:
             info(label, f"sweep.timeout of {cfg.sweep.timeout} s reached")
