@@ -10,11 +10,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from cnnpipe.config import load_config
-from cnnpipe.data.store import Split
 from cnnpipe.training.fit import fit
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.tiny import tiny_config as config
+from tests.tiny import tiny_data
 
 
 @pytest.fixture(autouse=True)
@@ -23,24 +21,6 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def tiny_data(n: int = 60) -> tuple[dict, Split, Split]:
-    rng = np.random.default_rng(0)
-    labels = np.arange(n) % 3
-    images = (rng.random((n, 1, 8, 8)) * 40).astype(np.uint8)
-    for i, c in enumerate(labels):
-        images[i, 0, c * 2 : c * 2 + 2, :] = 220  # each class a bright band: learnable in a few epochs
-    meta = {"image_shape": [1, 8, 8], "classes": ["a", "b", "c"], "mean": [0.2], "std": [0.3]}
-    split = Split(images, labels.astype(np.int64))
-    return meta, split, split
-
-
-def config(*overrides: str):
-    return load_config(
-        ["train.hparams=params", "trainer.accelerator=cpu", "data.batch_size=16", "optim.lr=0.01", *overrides],
-        root=ROOT,
-    )
 
 
 def test_fit_without_checkpoints_returns_the_final_net_and_history() -> None:

@@ -13,7 +13,7 @@ from cnnpipe.models.factory import build_model, model_spec
 from cnnpipe.models.store import save_model
 from cnnpipe.models.transfer import backbone_modules, transfer_weights
 from cnnpipe.training.fit import fit
-from tests.test_fit import tiny_data
+from tests.tiny import tiny_data
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -72,9 +72,9 @@ class InMemoryDataModule(pl.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         # Drop a ragged last training batch only when it could be a single sample (BatchNorm needs 2).
         drop_last = shuffle and (len(split.labels) // max(world, 1)) % self.batch_size == 1
-        # Several steps per Lightning iteration only on one process: under DDP every step's forward must
-        # pass through the DDP wrapper, which Lightning calls once per iteration.
-        per_call = self.steps_per_call if shuffle and world == 1 else 1
+        # Several steps per iteration under DDP too: Lightning prepares DDP's reducer before every
+        # manual_backward, so each step's gradients are all-reduced (tests/test_ddp.py checks the weights).
+        per_call = self.steps_per_call if shuffle else 1
         index = IndexBatches(
             len(split.labels),
             self.batch_size,

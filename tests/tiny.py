@@ -1,0 +1,32 @@
+"""Tiny learnable data and a fast config for in-process fits (tests/test_fit.py, test_transfer.py) and the
+DDP helper script (tests/ddp_steps.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cnnpipe.config import Config, load_config
+from cnnpipe.data.store import Split
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_data(n: int = 60) -> tuple[dict, Split, Split]:
+    """n 1x8x8 images of 3 classes, each class a bright band: learnable in a few epochs. Train = val."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % 3
+    images = (rng.random((n, 1, 8, 8)) * 40).astype(np.uint8)
+    for i, c in enumerate(labels):
+        images[i, 0, c * 2 : c * 2 + 2, :] = 220
+    meta = {"image_shape": [1, 8, 8], "classes": ["a", "b", "c"], "mean": [0.2], "std": [0.3]}
+    split = Split(images, labels.astype(np.int64))
+    return meta, split, split
+
+
+def tiny_config(*overrides: str) -> Config:
+    return load_config(
+        ["train.hparams=params", "trainer.accelerator=cpu", "data.batch_size=16", "optim.lr=0.01", *overrides],
+        root=ROOT,
+    )
