@@ -129,7 +129,7 @@ def run(
     data: str = "digits",
     device: str = "cpu",
 ) -> dict:
-    repeats = repeats or (5 if quick else 15)
+    repeats = repeats or (5 if quick else 25)
     epochs = epochs or (2 if quick else 4)
     name = "-".join([NAME, *([data] if data != "digits" else []), *([device] if device != "cpu" else [])])
     pin_threads(threads)
