@@ -99,7 +99,10 @@ class ImageClassifier(pl.LightningModule):
             loss = self._loss(logits, y)
             optimizer.zero_grad(set_to_none=True)
             if self._direct:
+                strategy = self.trainer.strategy
+                strategy.pre_backward(loss)  # DDP: prepare the reducer, so this step's gradients are all-reduced
                 loss.backward()
+                strategy.post_backward(loss)
                 self._clip(optimizer)
                 optimizer._on_before_step()  # what LightningOptimizer.step does around the step: count it
                 optimizer.optimizer.step()
