@@ -8,10 +8,15 @@ Raw: the same net (`cnnpipe.models.factory.build_model`, same seed), the same op
 uint8 tensor), the same per-epoch validation (loss + accuracy, inference mode) and running train loss/accuracy.
 Both sides: digits with the default augmentation (original + 4 copies), batch size 64, same thread count.
 `--data mnist5k` (28x28, augment=none) measures a bigger step; its result is B1-mnist5k (not in run_all).
-`--device cuda` runs both sides on the GPU with bf16 autocast (Lightning's bf16-mixed); its result is B1-cuda.
+`--data cifar-synthetic`: random uint8 3x32x32 images of 10 classes (CIFAR-10's size; 50,000 on a GPU, 4,096 on
+the CPU, `--n` to change), `--model` (default resnet_small there): throughput does not depend on the pixels.
+`--device cuda` runs both sides on the GPU with bf16 autocast (Lightning's bf16-mixed) and channels_last; its
+result is B1-cuda (B1-cifar-synthetic-cuda, ...). Every record also gives the model's training FLOPs per image
+(forward + backward, counted by torch.utils.flop_counter) and the achieved FLOP/s; on a GPU with a known bf16
+peak, the model FLOPs utilisation (MFU) against it.
 
 Run alone: python -m bench.b1_train_step [--quick] [--repeats N] [--threads N] [--epochs N] [--data NAME]
-                                         [--device cpu|cuda]
+                                         [--device cpu|cuda] [--model NAME] [--n N]
 """
 
 from __future__ import annotations
@@ -26,13 +31,18 @@ from bench.timing import cli, interleaved, median, paired_ratios, pin_threads, r
 from bench.workspace import bench_config, prepare_data, quiet
 
 NAME = "B1"
+SYNTHETIC = "cifar-synthetic"
+# Dense bf16 tensor-core peaks (vendor data sheets, FLOP/s) by a name fragment of torch.cuda.get_device_name.
+BF16_PEAK = {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def overrides(threads: int, epochs: int, data: str = "digits", device: str = "cpu") -> list[str]:
+def overrides(
+    threads: int, epochs: int, data: str = "digits", device: str = "cpu", model: str | None = None
+) -> list[str]:
     return [
-        f"data={data}",
+        f"data={'digits' if data == SYNTHETIC else data}",  # the data config is unused with synthetic data
         "augment=default" if data == "digits" else "augment=none",
-        "model=cnn",
+        f"model={model or ('resnet_small' if data == SYNTHETIC else 'cnn')}",
         "optim=adamw",
         "optim.scheduler=onecycle",
         "data.batch_size=64",
@@ -43,7 +53,44 @@ def overrides(threads: int, epochs: int, data: str = "digits", device: str = "cp
         f"trainer.precision={'32-true' if device == 'cpu' else 'bf16-mixed'}",
         "trainer.devices=1",
         f"trainer.threads={threads}",
+        f"trainer.channels_last={'off' if device == 'cpu' else 'on'}",
     ]
+
+
+def synthetic_data(n: int, seed: int = 0) -> tuple[dict[str, Any], Any, Any]:
+    """CIFAR-10-sized random data: n train and n // 10 val uint8 3x32x32 images, 10 classes."""
+    import numpy as np
+
+    from cnnpipe.data.store import Split
+
+    rng = np.random.default_rng(seed)
+
+    def split(count: int) -> Split:
+        images = rng.integers(0, 256, size=(count, 3, 32, 32), dtype=np.uint8)
+        return Split(images, rng.integers(0, 10, size=count).astype(np.int64))
+
+    meta = {"image_shape": [3, 32, 32], "classes": [str(i) for i in range(10)], "mean": [0.5] * 3, "std": [0.25] * 3}
+    return meta, split(n), split(max(n // 10, 1))
+
+
+def train_flops_per_image(cfg: Any, meta: dict[str, Any], batch: int = 8) -> float:
+    """Forward + backward FLOPs of one training image (torch's FlopCounterMode: convolutions and matmuls)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cnnpipe.models.factory import build_model, model_spec
+
+    net = build_model(model_spec(cfg.model, meta))
+    x = torch.rand(batch, *meta["image_shape"])
+    y = torch.zeros(batch, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(net(x), y).backward()
+    return counter.get_total_flops() / batch
+
+
+def bf16_peak(device_name: str) -> float | None:
+    return next((peak for key, peak in BF16_PEAK.items() if key in device_name), None)
 
 
 def train_ours(
@@ -80,8 +127,11 @@ def train_raw(cfg: Any, meta: dict[str, Any], train: Any, val: Any, out: dict[st
     with stopwatch() as t:
         torch.manual_seed(cfg.seed)  # what fit's pl.seed_everything does for torch: the same initial weights
         net = build_model(model_spec(cfg.model, meta)).to(device)
-        images, labels = torch.from_numpy(train.images).to(device), torch.from_numpy(train.labels).to(device)
-        val_images, val_labels = torch.from_numpy(val.images).to(device), torch.from_numpy(val.labels).to(device)
+        memory_format = torch.channels_last if cfg.trainer.channels_last == "on" else torch.contiguous_format
+        net = net.to(memory_format=memory_format)
+        images = torch.from_numpy(train.images).to(device).contiguous(memory_format=memory_format)
+        val_images = torch.from_numpy(val.images).to(device).contiguous(memory_format=memory_format)
+        labels, val_labels = torch.from_numpy(train.labels).to(device), torch.from_numpy(val.labels).to(device)
         bs, n, epochs = cfg.data.batch_size, len(labels), cfg.train.epochs
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.optim.lr, total_steps=epochs * math.ceil(n / bs))
@@ -128,16 +178,29 @@ def run(
     epochs: int | None = None,
     data: str = "digits",
     device: str = "cpu",
+    model: str | None = None,
+    n_synthetic: int | None = None,
 ) -> dict:
     repeats = repeats or (5 if quick else 25)
     epochs = epochs or (2 if quick else 4)
-    name = "-".join([NAME, *([data] if data != "digits" else []), *([device] if device != "cpu" else [])])
+    name = "-".join(
+        [
+            NAME,
+            *([data] if data != "digits" else []),
+            *([model] if model else []),
+            *([device] if device != "cpu" else []),
+        ]
+    )
     pin_threads(threads)
     quiet()
-    cfg = bench_config(overrides(threads, epochs, data, device))
-    with tempfile.TemporaryDirectory(prefix="cnnpipe-bench-b1-") as tmp:
-        meta, train, val = prepare_data(Path(tmp), cfg)
+    cfg = bench_config(overrides(threads, epochs, data, device, model))
+    if data == SYNTHETIC:
+        meta, train, val = synthetic_data(n_synthetic or (50_000 if device == "cuda" else 4_096), cfg.seed)
+    else:
+        with tempfile.TemporaryDirectory(prefix="cnnpipe-bench-b1-") as tmp:
+            meta, train, val = prepare_data(Path(tmp), cfg)
     n = len(train.labels)
+    flops = train_flops_per_image(cfg, meta)
     last: dict[str, dict[str, Any]] = {"ours": {}, "raw": {}}
     steady: dict[str, list[float]] = {"ours": [], "raw": []}  # per repeat: median epoch time after the first
 
@@ -158,7 +221,16 @@ def run(
     ours_ips = [images / s for s in samples["ours"]]
     raw_ips = [images / s for s in samples["raw"]]
     ratio = median(paired_ratios(ours_ips, raw_ips))
+    peak = bf16_peak(_gpu_name()) if device == "cuda" else None
+    ours_flops = flops * median(ours_ips)
     details = {
+        "train_flops_per_image": flops,
+        "ours_achieved_flops_per_s": ours_flops,
+        "raw_achieved_flops_per_s": flops * median(raw_ips),
+        "bf16_peak_flops_per_s": peak,
+        "ours_mfu": ours_flops / peak if peak else None,
+        "mfu_note": "model FLOPs utilisation: train FLOPs per image (forward + backward, FlopCounterMode) x images/s "
+        "(whole fit, validation included in the time) / the GPU's dense bf16 peak",
         "unit": "images/s",
         "ours_images_per_s": spread(ours_ips),
         "raw_images_per_s": spread(raw_ips),
@@ -178,6 +250,7 @@ def run(
         "batch_size": cfg.data.batch_size,
         "steps_per_epoch": math.ceil(n / cfg.data.batch_size),
         "model": cfg.model.name,
+        "channels_last": cfg.trainer.channels_last,
         "optimizer": f"{cfg.optim.name} lr={cfg.optim.lr} + {cfg.optim.scheduler}",
         "seed": cfg.seed,
         "sanity_last_repeat": last,
@@ -189,7 +262,9 @@ def run(
         f"({n} img, {'x'.join(map(str, train.images.shape[1:]))}), bs {cfg.data.batch_size}, "
         f"{epochs} epochs per run incl. validation"
         + (f", {device} {cfg.trainer.precision} ({_gpu_name()})" if device != "cpu" else ""),
-        ours=f"{median(ours_ips):,.0f} img/s (Lightning Trainer; per epoch after the first: {steady_ratio:.3f} of raw)",
+        ours=f"{median(ours_ips):,.0f} img/s (Lightning Trainer; per epoch after the first: {steady_ratio:.3f} of raw"
+        + (f"; MFU {ours_flops / peak:.1%} of bf16 peak" if peak else f"; {ours_flops / 1e9:,.1f} GFLOP/s")
+        + ")",
         baseline=f"{median(raw_ips):,.0f} img/s (raw loop)",
         ratio=ratio,
         ratio_label="ours/raw",
@@ -213,11 +288,13 @@ def _options(parser: Any) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="epochs per timed run")
     parser.add_argument("--data", default="digits", help="data config (digits; mnist5k: 28x28, augment=none)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: bf16-mixed on both sides")
+    parser.add_argument("--model", default=None, help="model config (default cnn; resnet_small for cifar-synthetic)")
+    parser.add_argument("--n", type=int, default=None, help="cifar-synthetic training images")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = cli(__doc__, argv, _options)
-    run(args.repeats, args.quick, args.threads, args.epochs, args.data, args.device)
+    run(args.repeats, args.quick, args.threads, args.epochs, args.data, args.device, args.model, args.n)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,14 @@ ORDER = ["B1", "B2", "B3", "B5", "B7", "B8", "pruning", "GPU"]
 NOT_MEASURED = {
     "B7": (
         "DDP scaling: 2 processes x 1 thread vs 1 process x 1 and x 2 threads",
-        "not measured yet: run `python -m bench.ddp_scaling` (DDP support is being written; see bench/findings.md)",
+        "not measured yet: run `python -m bench.ddp_scaling`",
     ),
-    "GPU": ("B1 on a GPU (bf16-mixed)", "not measured: no GPU lent to this session (`--device cuda` where one is)"),
+    "GPU": (
+        "B1 on a GPU: resnet_small on CIFAR-sized synthetic data (3x32x32), bf16-mixed + channels_last; "
+        "images/s and MFU against the GPU's bf16 peak",
+        "not measured: no GPU lent to this session; where one is: "
+        "`python -m bench.b1_train_step --data cifar-synthetic --device cuda`",
+    ),
 }
 
 
@@ -90,8 +95,9 @@ def table(results: dict[str, dict[str, Any]]) -> list[str]:
     if by_hand:
         lines += [
             "",
-            "† run by hand, not by `make bench` (`b1_train_step --data mnist5k`, `--device cuda` on a lent GPU",
-            "machine, `pruning --set ...`); its date and machine are in the details below.",
+            "† run by hand, not by `make bench` (`b1_train_step --data mnist5k` or `--data cifar-synthetic`,",
+            "`--device cuda` on a lent GPU machine, `pruning --set ...`); its date and machine are in the details",
+            "below.",
         ]
     return lines
 
