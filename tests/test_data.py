@@ -533,6 +533,45 @@ def test_save_and_load_split_round_trip(tmp_path: Path) -> None:
         assert npz["images"].dtype != object and npz["labels"].dtype != object
 
 
+def test_save_split_writes_a_selection_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of 2 images (CHUNK_BYTES shrunk to 2 images' bytes): an index selection written from a memory
+    map reads back (whole and memory-mapped) as the fancy-indexed arrays, as np.savez would have stored them."""
+    from cnnpipe.data import store
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (9, 3, 5, 5), dtype=np.uint8)
+    labels = rng.integers(0, 4, 9)
+    save_split(tmp_path / "all.npz", Split(images, labels))
+    mapped = load_split(tmp_path / "all.npz", mmap=True)
+    monkeypatch.setattr(store, "CHUNK_BYTES", 2 * 3 * 5 * 5)
+    index = np.array([8, 0, 3, 3, 5, 1, 7])  # 7 rows: chunks of 2, 2, 2, 1
+    save_split(tmp_path / "sel.npz", mapped, index=index)
+    for got in (load_split(tmp_path / "sel.npz"), load_split(tmp_path / "sel.npz", mmap=True)):
+        assert np.array_equal(got.images, images[index]) and np.array_equal(got.labels, labels[index])
+    np.savez(tmp_path / "ref.npz", images=images[index], labels=labels[index].astype(np.int64))
+    with np.load(tmp_path / "sel.npz") as ours, np.load(tmp_path / "ref.npz") as ref:
+        assert sorted(ours.files) == sorted(ref.files)
+        assert all(ours[k].dtype == ref[k].dtype and ours[k].shape == ref[k].shape for k in ref.files)
+    save_split(tmp_path / "empty.npz", Split(images, labels), index=np.array([], dtype=np.int64))
+    assert load_split(tmp_path / "empty.npz").images.shape == (0, 3, 5, 5)
+
+
+def test_channel_stats_equal_numpy_on_the_selection() -> None:
+    from cnnpipe.data import prepare
+    from cnnpipe.data.prepare import channel_stats
+
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (50, 3, 6, 6), dtype=np.uint8)
+    index = rng.permutation(50)[:31]
+    x = images[index].astype(np.float64) / 255.0
+    mean, std = channel_stats(images, index)
+    assert mean == pytest.approx(x.mean(axis=(0, 2, 3)), abs=1e-6)
+    assert std == pytest.approx(x.std(axis=(0, 2, 3)), abs=1e-6)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prepare, "STATS_CHUNK_VALUES", 4 * 3 * 6 * 6)  # chunks of 4 images: the same numbers
+        assert channel_stats(images, index) == (mean, std)
+
+
 def test_load_split_refuses_pickles_and_garbage(tmp_path: Path) -> None:
     pickled = tmp_path / "pickled.npz"
     np.savez(pickled, images=np.array([{"a": 1}], dtype=object), labels=np.zeros(1, dtype=np.int64))

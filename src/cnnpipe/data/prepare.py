@@ -14,17 +14,28 @@ from cnnpipe.data.sources import RawData, load_source
 from cnnpipe.data.split import SPLITS, stratified_split
 from cnnpipe.data.store import Split, save_split
 
+STATS_CHUNK_VALUES = 1 << 21  # pixel values per chunk for the channel statistics (16 MB as int64)
 
-def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images, on the [0, 1] scale the models normalise with."""
-    x = images.astype(np.float64) / 255.0
-    mean = x.mean(axis=(0, 2, 3))
-    std = x.std(axis=(0, 2, 3))
-    return [round(float(m), 6) for m in mean], [round(float(max(s, 1e-3)), 6) for s in std]
+
+def channel_stats(images: np.ndarray, index: np.ndarray | None = None) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images (those `index` picks), on the [0, 1] scale the models
+    normalise with. Exact integer sums over chunks: a float64 copy of the whole split would take 8x its bytes."""
+    rows = np.arange(len(images)) if index is None else np.asarray(index)
+    channels = images.shape[1]
+    per_chunk = max(1, STATS_CHUNK_VALUES // max(1, int(np.prod(images.shape[1:]))))
+    total, squares = np.zeros(channels, dtype=np.int64), np.zeros(channels, dtype=np.int64)
+    for start in range(0, len(rows), per_chunk):
+        chunk = np.asarray(images[rows[start : start + per_chunk]], dtype=np.int64)
+        total += chunk.sum(axis=(0, 2, 3))
+        squares += np.square(chunk, out=chunk).sum(axis=(0, 2, 3))
+    count = len(rows) * images.shape[2] * images.shape[3]
+    mean = total / count
+    var = np.maximum(squares / count - mean * mean, 0.0)
+    return [round(float(m) / 255.0, 6) for m in mean], [round(max(float(s) / 255.0, 1e-3), 6) for s in np.sqrt(var)]
 
 
 def build_meta(cfg: Config, raw: RawData, splits: dict[str, np.ndarray]) -> dict[str, Any]:
-    mean, std = channel_stats(raw.images[splits["train"]])
+    mean, std = channel_stats(raw.images, splits["train"])
     counts = {
         s: {"total": len(idx), "per_class": np.bincount(raw.labels[idx], minlength=len(raw.classes)).tolist()}
         for s, idx in splits.items()
@@ -54,7 +65,7 @@ def prepare_splits(cfg: Config, out_dir: Path) -> dict[str, Any]:
     meta = build_meta(cfg, raw, splits)
     with atomic_dir(out_dir) as tmp:
         for name in SPLITS:
-            save_split(tmp / f"{name}.npz", Split(raw.images[splits[name]], raw.labels[splits[name]]))
+            save_split(tmp / f"{name}.npz", Split(raw.images, raw.labels), index=splits[name])
         write_json_atomic(tmp / "meta.json", meta)
     sizes = ", ".join(f"{s} {meta['counts'][s]['total']}" for s in SPLITS)
     info("prepare", f"{cfg.data.name}: {len(raw.classes)} classes, shape {meta['image_shape']}: {sizes}")

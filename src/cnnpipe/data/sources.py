@@ -32,7 +32,8 @@ class RawData:
     def digest(self) -> str:
         """sha256 of the decoded pixels, labels and class names: identifies the data, not the files."""
         h = hashlib.sha256()
-        h.update(np.ascontiguousarray(self.images).tobytes())
+        for start in range(0, len(self.images), 4096):  # the same digest as one update, without a full copy
+            h.update(memoryview(np.ascontiguousarray(self.images[start : start + 4096])).cast("B"))
         h.update(self.labels.astype(np.int64).tobytes())
         h.update("\n".join(self.classes).encode())
         return h.hexdigest()
@@ -122,20 +123,22 @@ def load_imagefolder_source(cfg: DataConfig, stage: str = "prepare") -> RawData:
     listing = {d.name: _class_files(d) for d in class_dirs}
     total = sum(len(files) for files, _ in listing.values())
     progress = Progress(stage, "decoded", total)
-    images, labels, classes, skipped, ignored, done = [], [], [], [], 0, 0
+    # Decoded straight into one array (not a list stacked at the end): the pixels are held once.
+    images = np.empty((total, cfg.channels, cfg.image_size, cfg.image_size), dtype=np.uint8)
+    labels, classes, skipped, ignored, done, kept = [], [], [], 0, 0, 0
     for name, (files, n_ignored) in listing.items():
         ignored += n_ignored
-        decoded = []
+        first = kept
         for path in files:
             try:
-                decoded.append(decode_image(path, cfg.channels, cfg.image_size))
+                images[kept] = decode_image(path, cfg.channels, cfg.image_size)
+                kept += 1
             except ImageDecodeError as exc:
                 skipped.append({"file": str(path.relative_to(root)), "reason": str(exc)})
             done += 1
             progress.update(done)
-        if decoded:
-            labels.extend([len(classes)] * len(decoded))
-            images.extend(decoded)
+        if kept > first:
+            labels.extend([len(classes)] * (kept - first))
             classes.append(name)
     if len(classes) < 2:
         found = ", ".join(classes) or "none"
@@ -146,7 +149,7 @@ def load_imagefolder_source(cfg: DataConfig, stage: str = "prepare") -> RawData:
             raise DataError(
                 f"{root / name}: {n} usable image(s), too few to split into train/val/test (need {MIN_PER_CLASS})"
             )
-    return RawData(np.stack(images), np.asarray(labels, dtype=np.int64), classes, skipped, ignored)
+    return RawData(images[:kept], np.asarray(labels, dtype=np.int64), classes, skipped, ignored)
 
 
 LOADERS = {

@@ -1,7 +1,8 @@
 """Prepared data on disk: one `.npz` per split (uint8 images, int64 labels; no pickle) plus meta.json.
 
 The `.npz` is written uncompressed, so its images can also be memory-mapped in place (`load_split(...,
-mmap=True)`): a split larger than memory is then paged in by the OS as batches need it."""
+mmap=True)`): a split larger than memory is then paged in by the OS as batches need it. It is also written
+in chunks (`save_split`), so writing a split never needs a second copy of its pixels in memory."""
 
 from __future__ import annotations
 
@@ -23,13 +24,25 @@ class Split:
     source: Path | None = None  # the file the images are mapped from (mmap=True)
 
 
-def save_split(path: Path, split: Split) -> None:
-    with open(path, "wb") as fh:
-        np.savez(
-            fh,
-            images=np.ascontiguousarray(split.images, dtype=np.uint8),
-            labels=split.labels.astype(np.int64),
-        )
+CHUNK_BYTES = 64 << 20  # pixels gathered and written per chunk
+
+
+def save_split(path: Path, split: Split, index: np.ndarray | None = None) -> None:
+    """Write `split` (or the samples `index` picks from it, in that order) as an uncompressed `.npz` that
+    `np.load` reads like `np.savez`'s. The images go out `CHUNK_BYTES` at a time: only one chunk of the
+    selection is ever copied, whatever the size of the split (or of the memory map it comes from)."""
+    images, labels = split.images, split.labels
+    rows = np.arange(len(labels)) if index is None else np.asarray(index)
+    per_chunk = max(1, CHUNK_BYTES // max(1, int(np.prod(images.shape[1:]))))
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False}
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("images.npy", "w", force_zip64=True) as fh:
+            np.lib.format.write_array_header_2_0(fh, {**header, "shape": (len(rows), *images.shape[1:])})
+            for start in range(0, len(rows), per_chunk):
+                chunk = np.ascontiguousarray(images[rows[start : start + per_chunk]], dtype=np.uint8)
+                fh.write(memoryview(chunk).cast("B"))
+        with zf.open("labels.npy", "w", force_zip64=True) as fh:
+            np.lib.format.write_array(fh, np.asarray(labels)[rows].astype(np.int64), allow_pickle=False)
 
 
 def load_split(path: Path, mmap: bool = False) -> Split:
