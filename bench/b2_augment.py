@@ -6,7 +6,7 @@ size (64), shuffled passes over the split (4 x `augment.copies` of them, 1 x wit
 same thread count, seeded generators. The per-sample version below does the same ops with the same
 parameter ranges (affine via affine_grid + grid_sample, hflip, brightness/contrast, noise, erase, clamp),
 drawing each image's parameters as Python scalars, as a torchvision-style transform does.
-Also measured (not in the ratio): the augment stage's own call, `augment_copies` (chunks of 8192).
+Also measured (not in the ratio): the augment stage's own call, `augment_copies` (default chunks: 8192 digits).
 
 Run alone: python -m bench.b2_augment [--quick] [--repeats N] [--threads N]
 """
@@ -177,7 +177,7 @@ def run(repeats: int | None = None, quick: bool = False, threads: int = 1) -> di
         threads=threads,
         quick=quick,
         details=details,
-        notes=[f"the augment stage's own call (augment_copies, chunks of 8192): {median(stage_ips):,.0f} img/s"],
+        notes=[f"the augment stage's own call (augment_copies, default chunks): {median(stage_ips):,.0f} img/s"],
     )
     write_result(record)
     return record

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -365,3 +366,41 @@ def test_steps_per_call_hands_over_consecutive_batches(per_call: int, n: int, dr
     assert all(len(y) <= 5 * per_call for y in calls)
     steps = [piece for y in calls for piece in y.split(5)]
     assert [s.tolist() for s in steps] == [s.tolist() for s in epoch_labels(one)]
+
+
+@pytest.mark.parametrize("copies", [0, 2])
+def test_augment_stage_streams_a_memory_mapped_split_to_the_same_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, copies: int
+) -> None:
+    """write_augmented reads the prepared split as a memory map and writes chunk by chunk (chunks of 4 here):
+    the file holds augment_copies' images and labels, and the preview shows the copies (or the originals)."""
+    from PIL import Image
+
+    from cnnpipe.data import augmented
+    from cnnpipe.data.augment import augmented_chunks
+    from cnnpipe.data.store import Split, load_split, save_split
+
+    cfg = load_config([f"augment.copies={copies}", "augment.preview=6"], root=ROOT)
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (10, 1, 8, 8), dtype=np.uint8)
+    labels = (np.arange(10) % 3).astype(np.int64)
+    (tmp_path / cfg.paths.prepared).mkdir(parents=True)
+    save_split(tmp_path / cfg.paths.prepared / "train.npz", Split(images, labels))
+    monkeypatch.setattr(augmented, "augmented_chunks", lambda x, c, seed: augmented_chunks(x, c, seed=seed, chunk=4))
+    assert augmented.write_augmented(cfg, tmp_path) == 10 * (copies + 1)
+    got = load_split(tmp_path / cfg.paths.augmented / "train.npz")
+    want, want_labels = augment_copies(images, labels, cfg.augment, seed=cfg.seed, chunk=4)
+    assert np.array_equal(got.images, want) and np.array_equal(got.labels, want_labels)
+    preview = np.asarray(Image.open(tmp_path / cfg.paths.augmented / "preview.png"))
+    shown = want[10:16] if copies else want[:6]
+    assert np.array_equal(preview[: 8 * 4 : 4, : 6 * 8 * 4 : 4], np.concatenate(list(shown[:, 0]), axis=1))
+
+
+def test_write_split_refuses_chunks_that_do_not_add_up(tmp_path: Path) -> None:
+    from cnnpipe.data.store import write_split
+
+    chunk = np.zeros((2, 1, 4, 4), dtype=np.uint8)
+    with pytest.raises(ValueError, match="3 announced"):
+        write_split(tmp_path / "s.npz", (3, 1, 4, 4), [chunk], np.zeros(3))
+    with pytest.raises(ValueError, match="a chunk of shape"):
+        write_split(tmp_path / "s.npz", (2, 1, 5, 5), [chunk], np.zeros(2))

@@ -7,6 +7,7 @@ Python loop — so the same code serves the offline `augment` stage and on-devic
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -97,20 +98,45 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
+CHUNK_IMAGES = 8192  # images augmented per batch, at most...
+CHUNK_VALUES = 1 << 22  # ...and at most this many pixel values (16 MB per float32 buffer; the ops hold a few)
+
+
+def chunk_size(images: np.ndarray) -> int:
+    """Images per augmentation batch: 8192 small digits at once, fewer of larger images (1,365 at 3x32x32,
+    27 at 3x224x224), so memory stays bounded whatever the image size. The batch size is part of the seeded
+    random stream, so it depends only on the image shape."""
+    return max(1, min(CHUNK_IMAGES, CHUNK_VALUES // max(1, int(np.prod(images.shape[1:])))))
+
+
+def augmented_chunks(
+    images: np.ndarray,
+    cfg: AugmentConfig,
+    seed: int,
+    chunk: int | None = None,
+    device: str = "cpu",
+) -> Iterator[np.ndarray]:
+    """The original images, then `cfg.copies` augmented copies (uint8), `chunk` images at a time (default
+    `chunk_size`): only one chunk is in memory, whatever the number of images and copies (`images` may be a
+    memory map)."""
+    chunk = chunk or chunk_size(images)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for start in range(0, len(images), chunk):
+        yield np.asarray(images[start : start + chunk])
+    for _ in range(cfg.copies):
+        for start in range(0, len(images), chunk):
+            src = torch.from_numpy(np.array(images[start : start + chunk])).to(device)
+            yield to_uint8(augment_batch(to_float(src), cfg, gen)).cpu().numpy()
+
+
 def augment_copies(
     images: np.ndarray,
     labels: np.ndarray,
     cfg: AugmentConfig,
     seed: int,
-    chunk: int = 8192,
+    chunk: int | None = None,
     device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The original images followed by `cfg.copies` augmented copies (uint8), in chunks of `chunk`."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    src = torch.from_numpy(images).to(device)
-    out = [src]
-    for _ in range(cfg.copies):
-        for start in range(0, len(src), chunk):
-            out.append(to_uint8(augment_batch(to_float(src[start : start + chunk]), cfg, gen)))
-    all_images = torch.cat(out).cpu().numpy()
-    return all_images, np.tile(labels, cfg.copies + 1)
+    """`augmented_chunks` in one array, with the labels to match."""
+    parts = list(augmented_chunks(images, cfg, seed, chunk, device))
+    return np.concatenate(parts) if parts else images[:0], np.tile(labels, cfg.copies + 1)

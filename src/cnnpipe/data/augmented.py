@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,8 @@ from PIL import Image
 from cnnpipe.atomic import atomic_dir, atomic_path
 from cnnpipe.config import Config
 from cnnpipe.console import info
-from cnnpipe.data.augment import augment_copies
-from cnnpipe.data.store import Split, load_split, save_split
+from cnnpipe.data.augment import augmented_chunks
+from cnnpipe.data.store import load_split, write_split
 
 
 def image_grid(images: np.ndarray, columns: int = 16, min_cell: int = 32) -> Image.Image:
@@ -29,19 +30,30 @@ def image_grid(images: np.ndarray, columns: int = 16, min_cell: int = 32) -> Ima
 
 
 def write_augmented(cfg: Config, root: Path) -> int:
-    """Write `paths.augmented/train.npz` and `preview.png`; returns the number of training images."""
-    src = load_split(root / cfg.paths.prepared / "train.npz")
-    images, labels = augment_copies(src.images, src.labels, cfg.augment, seed=cfg.seed)
+    """Write `paths.augmented/train.npz` and `preview.png`; returns the number of training images.
+    The prepared split is memory-mapped and the copies stream to the file chunk by chunk."""
+    src = load_split(root / cfg.paths.prepared / "train.npz", mmap=True)
+    n, copies = len(src.labels), cfg.augment.copies
+    preview: list[np.ndarray] = []
+    wanted = cfg.augment.preview
+
+    def keep_preview(chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        """Pass the chunks on, keeping the first `preview` augmented images (the originals without copies)."""
+        seen = 0
+        for chunk in chunks:
+            if (copies == 0 or seen >= n) and sum(map(len, preview)) < wanted:
+                preview.append(chunk[: wanted - sum(map(len, preview))].copy())
+            seen += len(chunk)
+            yield chunk
+
     out = root / cfg.paths.augmented
     with atomic_dir(out) as tmp:
-        save_split(tmp / "train.npz", Split(images, labels))
-        if cfg.augment.preview:
-            # Augmented samples (the copies) when there are any, else the originals.
-            pool = images[len(src.labels) :] if cfg.augment.copies else images
+        chunks = keep_preview(augmented_chunks(src.images, cfg.augment, seed=cfg.seed))
+        write_split(
+            tmp / "train.npz", (n * (copies + 1), *src.images.shape[1:]), chunks, np.tile(src.labels, copies + 1)
+        )
+        if wanted and preview:
             with atomic_path(tmp / "preview.png") as png:
-                image_grid(pool[: cfg.augment.preview]).save(png, format="PNG")
-    info(
-        "augment",
-        f"{len(src.labels)} originals + {cfg.augment.copies} augmented copies = {len(labels)} images",
-    )
-    return len(labels)
+                image_grid(np.concatenate(preview)).save(png, format="PNG")
+    info("augment", f"{n} originals + {copies} augmented copies = {n * (copies + 1)} images")
+    return n * (copies + 1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,18 +32,30 @@ def save_split(path: Path, split: Split, index: np.ndarray | None = None) -> Non
     """Write `split` (or the samples `index` picks from it, in that order) as an uncompressed `.npz` that
     `np.load` reads like `np.savez`'s. The images go out `CHUNK_BYTES` at a time: only one chunk of the
     selection is ever copied, whatever the size of the split (or of the memory map it comes from)."""
-    images, labels = split.images, split.labels
-    rows = np.arange(len(labels)) if index is None else np.asarray(index)
+    images = split.images
+    rows = np.arange(len(split.labels)) if index is None else np.asarray(index)
     per_chunk = max(1, CHUNK_BYTES // max(1, int(np.prod(images.shape[1:]))))
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False}
+    chunks = (images[rows[start : start + per_chunk]] for start in range(0, len(rows), per_chunk))
+    write_split(path, (len(rows), *images.shape[1:]), chunks, np.asarray(split.labels)[rows])
+
+
+def write_split(path: Path, shape: tuple[int, ...], chunks: Iterable[np.ndarray], labels: np.ndarray) -> None:
+    """Write a split whose images (`shape`, uint8) arrive as consecutive chunks along the first axis."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
+    written = 0
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("images.npy", "w", force_zip64=True) as fh:
-            np.lib.format.write_array_header_2_0(fh, {**header, "shape": (len(rows), *images.shape[1:])})
-            for start in range(0, len(rows), per_chunk):
-                chunk = np.ascontiguousarray(images[rows[start : start + per_chunk]], dtype=np.uint8)
+            np.lib.format.write_array_header_2_0(fh, header)
+            for chunk in chunks:
+                chunk = np.ascontiguousarray(chunk, dtype=np.uint8)
+                if chunk.shape[1:] != tuple(shape[1:]):
+                    raise ValueError(f"{path}: a chunk of shape {chunk.shape} in images of shape {shape}")
                 fh.write(memoryview(chunk).cast("B"))
+                written += len(chunk)
+        if written != shape[0]:
+            raise ValueError(f"{path}: {written} images written, {shape[0]} announced")
         with zf.open("labels.npy", "w", force_zip64=True) as fh:
-            np.lib.format.write_array(fh, np.asarray(labels)[rows].astype(np.int64), allow_pickle=False)
+            np.lib.format.write_array(fh, np.asarray(labels).astype(np.int64), allow_pickle=False)
 
 
 def load_split(path: Path, mmap: bool = False) -> Split:
