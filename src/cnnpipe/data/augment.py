@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnpipe.config import AugmentConfig
+from cnnpipe.data.store import rows_per_chunk
 
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -106,7 +107,7 @@ def chunk_size(images: np.ndarray) -> int:
     """Images per augmentation batch: 8192 small digits at once, fewer of larger images (1,365 at 3x32x32,
     27 at 3x224x224), so memory stays bounded whatever the image size. The batch size is part of the seeded
     random stream, so it depends only on the image shape."""
-    return max(1, min(CHUNK_IMAGES, CHUNK_VALUES // max(1, int(np.prod(images.shape[1:])))))
+    return min(CHUNK_IMAGES, rows_per_chunk(images, CHUNK_VALUES))
 
 
 def augmented_chunks(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,26 +33,17 @@ def write_augmented(cfg: Config, root: Path) -> int:
     The prepared split is memory-mapped and the copies stream to the file chunk by chunk."""
     src = load_split(root / cfg.paths.prepared / "train.npz", mmap=True)
     n, copies = len(src.labels), cfg.augment.copies
-    preview: list[np.ndarray] = []
-    wanted = cfg.augment.preview
-
-    def keep_preview(chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-        """Pass the chunks on, keeping the first `preview` augmented images (the originals without copies)."""
-        seen = 0
-        for chunk in chunks:
-            if (copies == 0 or seen >= n) and sum(map(len, preview)) < wanted:
-                preview.append(chunk[: wanted - sum(map(len, preview))].copy())
-            seen += len(chunk)
-            yield chunk
-
     out = root / cfg.paths.augmented
     with atomic_dir(out) as tmp:
-        chunks = keep_preview(augmented_chunks(src.images, cfg.augment, seed=cfg.seed))
+        chunks = augmented_chunks(src.images, cfg.augment, seed=cfg.seed)
         write_split(
             tmp / "train.npz", (n * (copies + 1), *src.images.shape[1:]), chunks, np.tile(src.labels, copies + 1)
         )
-        if wanted and preview:
+        if cfg.augment.preview and n:
+            # Augmented samples (the copies) when there are any, else the originals: read back from the file.
+            first = n if copies else 0
+            written = load_split(tmp / "train.npz", mmap=True).images
             with atomic_path(tmp / "preview.png") as png:
-                image_grid(np.concatenate(preview)).save(png, format="PNG")
+                image_grid(np.array(written[first : first + cfg.augment.preview])).save(png, format="PNG")
     info("augment", f"{n} originals + {copies} augmented copies = {n * (copies + 1)} images")
     return n * (copies + 1)

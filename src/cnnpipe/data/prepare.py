@@ -12,7 +12,7 @@ from cnnpipe.config import Config
 from cnnpipe.console import info, warn
 from cnnpipe.data.sources import RawData, load_source
 from cnnpipe.data.split import SPLITS, stratified_split
-from cnnpipe.data.store import Split, save_split
+from cnnpipe.data.store import Split, rows_per_chunk, save_split
 
 STATS_CHUNK_VALUES = 1 << 21  # pixel values per chunk for the channel statistics (16 MB as int64)
 
@@ -22,7 +22,7 @@ def channel_stats(images: np.ndarray, index: np.ndarray | None = None) -> tuple[
     normalise with. Exact integer sums over chunks: a float64 copy of the whole split would take 8x its bytes."""
     rows = np.arange(len(images)) if index is None else np.asarray(index)
     channels = images.shape[1]
-    per_chunk = max(1, STATS_CHUNK_VALUES // max(1, int(np.prod(images.shape[1:]))))
+    per_chunk = rows_per_chunk(images, STATS_CHUNK_VALUES)
     total, squares = np.zeros(channels, dtype=np.int64), np.zeros(channels, dtype=np.int64)
     for start in range(0, len(rows), per_chunk):
         chunk = np.asarray(images[rows[start : start + per_chunk]], dtype=np.int64)

@@ -15,6 +15,7 @@ from cnnpipe.config import DataConfig
 from cnnpipe.console import Progress
 from cnnpipe.data.idx import read_idx
 from cnnpipe.data.images import IMAGE_SUFFIXES, ImageDecodeError, decode_image
+from cnnpipe.data.store import CHUNK_BYTES, rows_per_chunk
 from cnnpipe.errors import DataError
 
 MIN_PER_CLASS = 3  # one each for train, val and test
@@ -32,8 +33,9 @@ class RawData:
     def digest(self) -> str:
         """sha256 of the decoded pixels, labels and class names: identifies the data, not the files."""
         h = hashlib.sha256()
-        for start in range(0, len(self.images), 4096):  # the same digest as one update, without a full copy
-            h.update(memoryview(np.ascontiguousarray(self.images[start : start + 4096])).cast("B"))
+        rows = rows_per_chunk(self.images, CHUNK_BYTES)  # the same digest as one update, without a full copy
+        for start in range(0, len(self.images), rows):
+            h.update(memoryview(np.ascontiguousarray(self.images[start : start + rows])).cast("B"))
         h.update(self.labels.astype(np.int64).tobytes())
         h.update("\n".join(self.classes).encode())
         return h.hexdigest()

@@ -28,13 +28,19 @@ class Split:
 CHUNK_BYTES = 64 << 20  # pixels gathered and written per chunk
 
 
+def rows_per_chunk(images: np.ndarray, budget: int) -> int:
+    """How many of `images` (N, ...) fit in `budget` values (bytes, for uint8): at least one. Every pass
+    over a whole split (writing, statistics, hashing, augmenting) goes in chunks of this many rows."""
+    return max(1, budget // max(1, int(np.prod(images.shape[1:]))))
+
+
 def save_split(path: Path, split: Split, index: np.ndarray | None = None) -> None:
     """Write `split` (or the samples `index` picks from it, in that order) as an uncompressed `.npz` that
     `np.load` reads like `np.savez`'s. The images go out `CHUNK_BYTES` at a time: only one chunk of the
     selection is ever copied, whatever the size of the split (or of the memory map it comes from)."""
     images = split.images
     rows = np.arange(len(split.labels)) if index is None else np.asarray(index)
-    per_chunk = max(1, CHUNK_BYTES // max(1, int(np.prod(images.shape[1:]))))
+    per_chunk = rows_per_chunk(images, CHUNK_BYTES)
     chunks = (images[rows[start : start + per_chunk]] for start in range(0, len(rows), per_chunk))
     write_split(path, (len(rows), *images.shape[1:]), chunks, np.asarray(split.labels)[rows])
 
