@@ -97,10 +97,9 @@ def recover_dead_trials(study: optuna.Study) -> int:
     return recovered
 
 
-def budget_used(study: optuna.Study) -> int:
+def budget_used(trials: list[FrozenTrial]) -> int:
     """Trials that count toward `n_trials`: all of them, except failed trials that were re-queued
     (their retry counts instead), so an interrupted study ends with exactly `n_trials`."""
-    trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
 
@@ -109,5 +108,6 @@ def study_is_done(study: optuna.Study, n_trials: int) -> bool:
     """The budget is used and no trial waits to run. A re-queued trial counts toward the budget before it
     runs, so an interrupted last trial leaves the budget full: without the waiting check a resumed sweep
     would stop with that trial never run."""
-    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-    return not waiting and budget_used(study) >= n_trials
+    trials = study.get_trials(deepcopy=False)
+    waiting = any(t.state == TrialState.WAITING for t in trials)
+    return not waiting and budget_used(trials) >= n_trials
