@@ -23,7 +23,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from bench.timing import cli, median, paired_ratios, pin_threads, result, spread, write_result
+from bench.timing import cli, interleaved, median, paired_ratios, pin_threads, result, spread, write_result
 from bench.workspace import ROOT, copy_project, python, run_timed
 
 NAME = "B7"
@@ -61,23 +61,18 @@ def run(repeats: int | None = None, quick: bool = False, threads: int = 1, epoch
         n_train = int(json.loads((project / "data" / "prepared" / "meta.json").read_text())["counts"]["train"]["total"])
         n_train *= 1 + int(_param(project, "augment", "copies"))
 
-        def raw_side(name: str) -> float:
+        def raw_run(name: str) -> tuple[float, list[float]]:
+            """bench/raw_ddp.py: (wall seconds, epoch times)."""
             world = RAW_SIDES[name]
-            counter["n"] += 1
             out = Path(tmp) / f"raw-{counter['n']}.json"
             cmd = [python(), "-m", "bench.raw_ddp", "--project", str(project), "--world", str(world)]
             cmd += ["--batch", str(GLOBAL_BATCH // world), "--epochs", str(epochs), "--out", str(out)]
             wall, _ = run_timed(cmd, ROOT, 1)
-            times = json.loads(out.read_text())["epoch_s"]
-            per_epoch = median(times[1:] if len(times) > 1 else times)
-            print(f"[{NAME}] {name}: {n_train / per_epoch:,.0f} img/s ({per_epoch:.3f} s/epoch, run {wall:.1f} s)")
-            return n_train / per_epoch
+            return wall, json.loads(out.read_text())["epoch_s"]
 
-        def side(name: str) -> float:
-            if name in RAW_SIDES:
-                return raw_side(name)
+        def stage_run(name: str) -> tuple[float, list[float]]:
+            """The real train stage: (wall seconds, epoch times logged to MLflow)."""
             _, side_threads, overrides = SIDES[name]
-            counter["n"] += 1
             models, ckpt = f"bench-models-{counter['n']}", f"bench-ckpt-{counter['n']}"
             cmd = [
                 python(),
@@ -91,18 +86,18 @@ def run(repeats: int | None = None, quick: bool = False, threads: int = 1, epoch
                 *overrides,
             ]
             wall, _ = run_timed(cmd, project, side_threads)
-            times = epoch_times(project, models)
+            return wall, epoch_times(project, models)
+
+        def side(name: str) -> float:
+            """Training images/s of one run: the median epoch time over epochs 2..E."""
+            counter["n"] += 1
+            wall, times = raw_run(name) if name in RAW_SIDES else stage_run(name)
             per_epoch = median(times[1:] if len(times) > 1 else times)
             print(f"[{NAME}] {name}: {n_train / per_epoch:,.0f} img/s ({per_epoch:.3f} s/epoch, run {wall:.1f} s)")
             return n_train / per_epoch
 
         names = [*SIDES, *RAW_SIDES]
-        for name in names:  # warm-up
-            side(name)
-        samples: dict[str, list[float]] = {name: [] for name in names}
-        for i in range(repeats):
-            for name in names if i % 2 == 0 else reversed(names):
-                samples[name].append(side(name))
+        samples = interleaved({name: (lambda name=name: side(name)) for name in names}, repeats, warmup=1)
     record = make_record(samples, repeats, epochs, n_train, threads, quick)
     write_result(record)
     return record
