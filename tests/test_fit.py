@@ -231,3 +231,15 @@ def test_each_epoch_sees_a_new_order_that_a_resume_repeats(tmp_path: Path) -> No
         resume_from=tmp_path / "part" / "last.ckpt",
     )
     assert list(resumed.epochs) == [2] and resumed.epochs[2] == full.epochs[2]
+
+
+def test_a_tie_on_the_monitored_metric_goes_to_the_lower_val_loss(tmp_path: Path) -> None:
+    """val/acc saturates at 1.0 on tiny data; the kept epoch is the lowest val/loss among the tied best."""
+    meta, train, val = tiny_data()
+    result = fit(config("train.epochs=10"), meta, train, val, ckpt_dir=tmp_path, quiet=True)
+    top = max(r["val/acc"] for r in result.history)
+    tied = [r for r in result.history if r["val/acc"] == top]
+    assert len(tied) > 1, "the data should make val/acc tie, or this test checks nothing"
+    expected = min(tied, key=lambda r: r["val/loss"])
+    assert result.best_epoch == expected["epoch"]
+    assert result.best_score == pytest.approx(top)
