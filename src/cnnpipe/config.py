@@ -31,6 +31,8 @@ PRUNERS = ("median", "hyperband", "none")
 PARAM_TYPES = ("float", "int", "categorical")
 PRECISIONS = ("auto", "32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+OUTPUT_PATHS = ("prepared", "augmented", "models", "eval", "checkpoints", "sweep", "optuna")
+SOURCE_FOLDERS = (".git", ".dvc", "src", "conf", "pipelines", "tests")  # no output path may lie in these
 
 
 @dataclass
@@ -166,6 +168,7 @@ class PathsConfig:
     checkpoints: str = "checkpoints"
     sweep: str = "sweep"
     optuna: str = ".optuna"
+    allow_outside: bool = False
 
 
 @dataclass
@@ -211,13 +214,20 @@ def load_config(overrides: list[str] | None = None, root: Path | None = None, pa
     root = root or find_project_root()
     params = params or root / "params.yaml"
     try:
-        raw = yaml.safe_load(params.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{params}: cannot read: {_first_line(str(exc))}") from None
+        raw = yaml.safe_load(params.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{params}: cannot read: {exc.strerror or _first_line(str(exc))}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or _first_line(str(exc))
+        raise ConfigError(f"{params}: not valid YAML: {where}{problem}") from None
+    if raw is None or raw == {}:
+        raise ConfigError(f"{params}: is empty; expected a mapping of config keys (re-compose it: make params)")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{params}: expected a mapping of config keys")
+        raise ConfigError(f"{params}: expected a mapping of config keys, got a {type(raw).__name__}")
     merged = apply_overrides(raw, overrides or [], root / "conf")
-    return to_config(merged, source=str(params))
+    return to_config(merged, source=str(params), root=root)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], conf_dir: Path) -> dict[str, Any]:
@@ -263,8 +273,9 @@ def _check_sections(raw: Any, schema: Any, prefix: str = "") -> None:
             _check_sections(value, section, f"{prefix}{f.name}.")
 
 
-def to_config(raw: dict[str, Any], source: str = "config") -> Config:
-    """Check `raw` against the schema (unknown keys, types, missing values), then validate values."""
+def to_config(raw: dict[str, Any], source: str = "config", root: Path | None = None) -> Config:
+    """Check `raw` against the schema (unknown keys, types, missing values), then validate values (and the
+    output paths against the project at `root`, when given)."""
     _check_sections(raw, Config)
     try:
         merged: DictConfig = OmegaConf.merge(OmegaConf.structured(Config), raw)  # type: ignore[assignment]
@@ -274,7 +285,7 @@ def to_config(raw: dict[str, Any], source: str = "config") -> Config:
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         raise ConfigError(f"{key}: {_first_line(getattr(exc, 'msg', None) or str(exc))} ({source})") from None
-    validate(cfg)
+    validate(cfg, root)
     return cfg
 
 
@@ -291,8 +302,9 @@ def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def validate(cfg: Config) -> None:
-    """Value rules the type system cannot express; the first violation is raised, naming its key."""
+def validate(cfg: Config, root: Path | None = None) -> None:
+    """Value rules the type system cannot express; the first violation is raised, naming its key. With the
+    project `root`, the output paths too (validate_paths)."""
     _check(cfg.seed >= 0, "seed", ">= 0", cfg.seed)
     d = cfg.data
     _check(d.name in DATA_SOURCES, "data.name", f"one of {', '.join(DATA_SOURCES)}", d.name)
@@ -396,6 +408,49 @@ def validate(cfg: Config) -> None:
     )
     _check(tk.champion_mode in ("min", "max"), "tracking.champion_mode", "min or max", tk.champion_mode)
     validate_sweep(cfg)
+    if root is not None:
+        validate_paths(cfg, root)
+
+
+def validate_paths(cfg: Config, root: Path) -> None:
+    """Every output path (`paths.*`), symlinks and `..` resolved, is a folder strictly inside the project:
+    not the project, not above it, not in its source folders (SOURCE_FOLDERS), not a file, and no two are the
+    same or nested. Outside the project only with `paths.allow_outside=true` (still never above it, never in
+    its sources). `paths.optuna` is relative to the store root: DVC's experiment copies share the original's.
+    """
+    from cnnpipe.tracking.uri import store_root
+
+    project = root.resolve()
+    resolved: dict[str, Path] = {}
+    for key in OUTPUT_PATHS:
+        value = getattr(cfg.paths, key)
+        base = store_root(project) if key == "optuna" else project
+        path = (base / value).resolve()
+        name = f"paths.{key}"
+        if base.is_relative_to(path):
+            what = "the project folder itself" if path == base else "a folder above the project"
+            raise ConfigError(f"{name} must be a folder inside the project, got {value!r} ({what})")
+        if path.is_relative_to(base):
+            top = path.relative_to(base).parts[0]
+            _check(
+                top not in SOURCE_FOLDERS,
+                name,
+                f"a folder outside the project's sources ({', '.join(SOURCE_FOLDERS)})",
+                value,
+            )
+        elif not cfg.paths.allow_outside:
+            raise ConfigError(
+                f"{name} must be a folder inside the project, got {value!r} (resolves to {path}, outside "
+                f"{base}; set paths.allow_outside=true to write there)"
+            )
+        _check(not path.exists() or path.is_dir(), name, "a folder, not a file", value)
+        for other, other_path in resolved.items():
+            if path.is_relative_to(other_path) or other_path.is_relative_to(path):
+                raise ConfigError(
+                    f"paths.{other} and {name} must be separate folders (neither the same nor one inside the "
+                    f"other), got {getattr(cfg.paths, other)!r} and {value!r}"
+                )
+        resolved[key] = path
 
 
 def validate_sweep(cfg: Config) -> None:
@@ -473,7 +528,7 @@ def _main() -> None:
     args = parser.parse_args()
     try:
         composed = compose(args.overrides)
-        to_config(composed, source="conf/")
+        to_config(composed, source="conf/", root=find_project_root())
     except ConfigError as exc:
         raise SystemExit(f"cnnpipe config: error: {exc}") from None
     text = yaml.safe_dump(composed, sort_keys=False)

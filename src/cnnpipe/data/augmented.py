@@ -13,6 +13,8 @@ from cnnpipe.console import info
 from cnnpipe.data.augment import augmented_chunks
 from cnnpipe.data.store import load_split, write_split
 
+OUTPUT_NAMES = ("train.npz", "preview.png")  # all the stage writes into paths.augmented
+
 
 def image_grid(images: np.ndarray, columns: int = 16, min_cell: int = 32) -> Image.Image:
     """uint8 (N, C, H, W) -> one picture, each image upscaled (nearest) to at least `min_cell` pixels."""
@@ -34,7 +36,7 @@ def write_augmented(cfg: Config, root: Path) -> int:
     src = load_split(root / cfg.paths.prepared / "train.npz", mmap=True)
     n, copies = len(src.labels), cfg.augment.copies
     out = root / cfg.paths.augmented
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, OUTPUT_NAMES) as tmp:
         chunks = augmented_chunks(src.images, cfg.augment, seed=cfg.seed)
         write_split(
             tmp / "train.npz", (n * (copies + 1), *src.images.shape[1:]), chunks, np.tile(src.labels, copies + 1)
