@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
-from cnnpipe.config import OptimConfig
+from cnnpipe.config import load_config
 from cnnpipe.data.datamodule import InMemoryDataModule
 from cnnpipe.data.store import load_split
 from cnnpipe.models.store import load_model
@@ -26,7 +26,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     net, spec = load_model(args.models)
-    module = ImageClassifier(net, len(spec["classes"]), OptimConfig())
+    module = ImageClassifier(
+        net, len(spec["classes"]), load_config(["train.hparams=params"], root=Path(__file__).resolve().parents[1]).optim
+    )
     val = load_split(args.prepared / "val.npz")
     data = InMemoryDataModule(val, val, batch_size=32, seed=0)
     trainer = pl.Trainer(

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import shutil
+from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
+from typing import get_type_hints
 
 import pytest
 import yaml
 
 from cnnpipe.config import (
     Config,
+    ParamSpace,
     as_dict,
     compose,
     find_project_root,
@@ -105,6 +109,7 @@ def test_every_group_option_is_valid(group: str) -> None:
     for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
         overrides = [f"{group}={option}"]
         expected = yaml.safe_load((CONF / group / f"{option}.yaml").read_text())
+        expected.pop("defaults", None)  # an option extending another (trainer/ddp) states only what differs
         if expected.get("path") == "???":
             overrides.append(f"{group}.path=/some/folder")
             expected["path"] = "/some/folder"
@@ -173,12 +178,16 @@ def test_load_config_from_a_different_params_file(tmp_path: Path) -> None:
     assert cfg.optim.lr == pytest.approx(0.25)
 
 
-def test_params_with_missing_keys_take_the_schema_defaults(tmp_path: Path) -> None:
+def test_params_with_missing_keys_is_an_error_naming_them(tmp_path: Path) -> None:
+    """Was: the schema's own defaults silently filled the gaps (model.channels [32, 64], not conf/'s [16, 32])."""
     params = tmp_path / "params.yaml"
     params.write_text("seed: 5\n")
-    cfg = load_config(root=ROOT, params=params)
-    assert cfg.seed == 5
-    assert as_dict(cfg)["optim"] == as_dict(Config())["optim"]
+    with pytest.raises(ConfigError) as err:
+        load_config(root=ROOT, params=params)
+    message = str(err.value)
+    assert "\n" not in message and str(params) in message and "make params" in message
+    for section in ("data", "model", "optim", "train"):
+        assert names_key(message, section), message
 
 
 def test_bad_params_in_file_names_the_key(tmp_path: Path) -> None:
@@ -313,13 +322,17 @@ def test_malformed_override_is_a_config_error() -> None:
         load_config(["optim.lr=[1,"], root=ROOT)
 
 
-def test_to_config_defaults_and_validation() -> None:
-    assert as_dict(to_config({})) == as_dict(Config())
+def test_to_config_needs_every_key_and_validates() -> None:
     with pytest.raises(ConfigError) as err:
-        to_config({"optim": {"lr": -1}})
+        to_config({})
+    assert names_key(str(err.value), "seed")
+    raw = committed_params()
+    assert_holds(raw, as_dict(to_config(raw)))
+    with pytest.raises(ConfigError) as err:
+        to_config(raw | {"optim": raw["optim"] | {"lr": -1}})
     assert names_key(str(err.value), "optim.lr")
     with pytest.raises(ConfigError) as err:
-        to_config({"data": {"split": {"train": 0.5, "val": 0.1, "test": 0.1}}})
+        to_config(raw | {"data": raw["data"] | {"split": {"train": 0.5, "val": 0.1, "test": 0.1}}})
     assert names_key(str(err.value), "data.split")
 
 
@@ -358,3 +371,103 @@ def test_flatten_keeps_lists_as_values_and_every_leaf() -> None:
 
     assert len(flat) == leaves(as_dict(load_config(root=ROOT)))
     assert set(flatten(committed_params())) <= set(flat)
+
+
+# --- one source of defaults (issue #15, item 3) ---------------------------------------------------
+
+
+def schema_keys(schema: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key the schema holds: the leaves, and each section (a dict such as sweep.space is a leaf)."""
+    keys: list[str] = []
+    hints = get_type_hints(schema)
+    for f in fields(schema):
+        keys.append(f"{prefix}{f.name}")
+        if is_dataclass(hints[f.name]):
+            keys += schema_keys(hints[f.name], f"{prefix}{f.name}.")
+    return keys
+
+
+def schema_dataclasses(schema: type = Config) -> set[type]:
+    found = {schema}
+    for kind in get_type_hints(schema).values():
+        for candidate in (kind, *getattr(kind, "__args__", ())):
+            if isinstance(candidate, type) and is_dataclass(candidate):
+                found |= schema_dataclasses(candidate)
+    return found
+
+
+def space_keys(raw: dict) -> list[str]:
+    """The required keys of each committed sweep.space entry (ParamSpace's `key` and `type`)."""
+    required = [f.name for f in fields(ParamSpace) if f.default is MISSING]
+    return [f"sweep.space.{name}.{key}" for name in raw["sweep"]["space"] for key in required]
+
+
+def drop(tree: dict, key: str) -> dict:
+    """A deep copy of `tree` without the dotted `key`."""
+    tree = copy.deepcopy(tree)
+    *parents, last = key.split(".")
+    node = tree
+    for part in parents:
+        node = node[part]
+    del node[last]
+    return tree
+
+
+def test_the_schema_holds_no_values() -> None:
+    """conf/ is the one source of values: no schema field has a default, so none can disagree with conf/ (they
+    did: model.channels [32, 64] vs [16, 32], model.hidden [128] vs [64], train.hparams params vs sweep). Only a
+    sweep.space entry's optional fields have one: not given."""
+    with_defaults = {
+        f"{schema.__name__}.{f.name}"
+        for schema in schema_dataclasses()
+        for f in fields(schema)
+        if f.default is not MISSING or f.default_factory is not MISSING
+    }
+    assert with_defaults == {f"ParamSpace.{name}" for name in ("low", "high", "log", "step", "choices")}
+
+
+def test_every_schema_key_is_in_the_composition_of_conf() -> None:
+    stated = set(flatten(compose(conf_dir=CONF)))
+    stated |= {key.rsplit(".", i)[0] for key in stated for i in range(1, key.count(".") + 1)}  # the sections
+    assert {key for key in stated if not key.startswith("sweep.space.")} == set(schema_keys())
+
+
+KEYS = sorted(set(schema_keys()) | set(space_keys(yaml.safe_load(PARAMS.read_text()))))
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_a_key_missing_from_params_is_an_error_naming_it(tmp_path: Path, key: str) -> None:
+    """Was: the schema's default stood in silently for any key left out of params.yaml."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(drop(committed_params(), key), sort_keys=False))
+    with pytest.raises(ConfigError) as err:
+        load_config(root=ROOT, params=params)
+    message = str(err.value)
+    assert names_key(message, key) and str(params) in message and "\n" not in message, message
+
+
+def test_ddp_states_only_what_differs_from_the_default_trainer() -> None:
+    default = yaml.safe_load((CONF / "trainer" / "default.yaml").read_text())
+    ddp = yaml.safe_load((CONF / "trainer" / "ddp.yaml").read_text())
+    assert ddp.pop("defaults") == ["default", "_self_"]
+    assert ddp and all(default[key] != value for key, value in ddp.items()), ddp
+    composed = compose(["trainer=ddp"], conf_dir=CONF)
+    assert composed["trainer"] == default | ddp
+    assert composed == compose(conf_dir=CONF) | {"trainer": default | ddp}
+    # The composition is what it was when ddp.yaml stated every key.
+    assert composed["trainer"] == {
+        "accelerator": "auto",
+        "devices": 2,
+        "num_nodes": 1,
+        "strategy": "ddp",
+        "precision": "auto",
+        "threads": 0,
+        "scale_lr": "none",
+        "channels_last": "auto",
+        "compile": False,
+        "steps_per_call": 8,
+    }
+    # Stage entries apply `trainer=ddp` to params.yaml the same way (Hydra composes the extending option).
+    assert as_dict(load_config(["trainer=ddp"], root=ROOT))["trainer"] == composed["trainer"]
+    cfg = load_config(["trainer.devices=4", "trainer=ddp", "trainer.accelerator=cpu"], root=ROOT)
+    assert (cfg.trainer.devices, cfg.trainer.strategy, cfg.trainer.accelerator) == (4, "ddp", "cpu")

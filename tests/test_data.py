@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnpipe.config import DataConfig, SplitConfig, load_config, to_config
+from cnnpipe.config import SplitConfig, load_config
 from cnnpipe.data.idx import read_idx
 from cnnpipe.data.images import ImageDecodeError, decode_image
 from cnnpipe.data.prepare import prepare_splits
@@ -23,6 +23,7 @@ from cnnpipe.data.split import SPLITS, stratified_split
 from cnnpipe.data.store import Split, load_meta, load_split, save_split
 from cnnpipe.errors import DataError
 from tests.conftest import ROOT, make_image_folder, write_png
+from tests.tiny import conf_section, config_from
 
 
 @pytest.fixture(autouse=True)
@@ -199,7 +200,7 @@ def make_idx_folder(folder: Path, n_train: int = 30, n_test: int = 12, size: int
 def test_mnist_idx_source(tmp_path: Path) -> None:
     images, labels = make_idx_folder(tmp_path / "idx")
     (tmp_path / "idx" / ".train-images-hidden").write_bytes(b"junk")  # hidden files are never picked
-    cfg = to_config({"data": {"name": "mnist_idx", "path": str(tmp_path / "idx"), "channels": 1, "image_size": 6}})
+    cfg = config_from({"data": {"name": "mnist_idx", "path": str(tmp_path / "idx"), "channels": 1, "image_size": 6}})
     raw = load_source(cfg.data)
     assert raw.images.shape == (42, 1, 6, 6)
     assert raw.images.dtype == np.uint8
@@ -211,7 +212,7 @@ def test_mnist_idx_source(tmp_path: Path) -> None:
 
 def test_mnist_idx_source_resizes_and_converts(tmp_path: Path) -> None:
     make_idx_folder(tmp_path / "idx")
-    cfg = to_config({"data": {"name": "mnist_idx", "path": str(tmp_path / "idx"), "channels": 3, "image_size": 8}})
+    cfg = config_from({"data": {"name": "mnist_idx", "path": str(tmp_path / "idx"), "channels": 3, "image_size": 8}})
     raw = load_source(cfg.data)
     assert raw.images.shape == (42, 3, 8, 8)
     assert np.array_equal(raw.images[:, 0], raw.images[:, 2])
@@ -221,14 +222,14 @@ def test_mnist_idx_source_errors(tmp_path: Path) -> None:
     folder = tmp_path / "idx"
     make_idx_folder(folder)
     write_idx(folder / "t10k-labels-idx1-ubyte", np.zeros(5, dtype=np.uint8))  # 12 images, 5 labels
-    data = DataConfig(name="mnist_idx", path=str(folder), image_size=6)
+    data = conf_section("data", name="mnist_idx", path=str(folder), image_size=6)
     with pytest.raises(DataError, match="t10k-labels"):
         load_source(data)
     (folder / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(DataError, match=re.escape(str(folder))):
         load_source(data)
     with pytest.raises(DataError, match="nowhere"):
-        load_source(DataConfig(name="mnist_idx", path=str(tmp_path / "nowhere")))
+        load_source(conf_section("data", name="mnist_idx", path=str(tmp_path / "nowhere")))
 
 
 # --- image decoding -----------------------------------------------------------------------------
@@ -361,7 +362,7 @@ def test_fit_images_is_a_no_op_when_it_already_fits() -> None:
 
 
 def test_digits_source() -> None:
-    raw = load_digits_source(DataConfig())
+    raw = load_digits_source(conf_section("data"))
     assert raw.images.shape == (1797, 1, 8, 8)
     assert raw.images.dtype == np.uint8
     assert raw.images.max() == 255
@@ -374,7 +375,7 @@ def test_digits_source() -> None:
 
 
 def test_digits_source_channels_and_size() -> None:
-    raw = load_digits_source(DataConfig(channels=3, image_size=16))
+    raw = load_digits_source(conf_section("data", channels=3, image_size=16))
     assert raw.images.shape == (1797, 3, 16, 16)
 
 
@@ -403,7 +404,7 @@ def test_imagefolder_source_on_a_messy_folder(tmp_path: Path, channels: int) -> 
     root = make_messy_folder(tmp_path / "images")
     assert Image.open(root / "class_0" / "deep.png").mode == "I;16"
     assert Image.open(root / "class_0" / "cmyk.jpg").mode == "CMYK"
-    cfg = to_config({"data": {"name": "imagefolder", "path": str(root), "channels": channels, "image_size": 10}})
+    cfg = config_from({"data": {"name": "imagefolder", "path": str(root), "channels": channels, "image_size": 10}})
     raw = load_source(cfg.data)
     assert raw.classes == ["class_0", "class_1", "class_2"]
     # 4 PNGs + JPEG + RGBA + GIF + 16-bit + CMYK in class_0, 4 each elsewhere
@@ -420,20 +421,20 @@ def test_imagefolder_source_needs_two_usable_classes(tmp_path: Path) -> None:
     (root / "broken").mkdir()
     (root / "broken" / "a.png").write_bytes(b"")
     with pytest.raises(DataError, match=re.escape(str(root))):
-        load_source(DataConfig(name="imagefolder", path=str(root)))
+        load_source(conf_section("data", name="imagefolder", path=str(root)))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match=re.escape(str(empty))):
-        load_source(DataConfig(name="imagefolder", path=str(empty)))
+        load_source(conf_section("data", name="imagefolder", path=str(empty)))
     with pytest.raises(DataError, match="absent"):
-        load_source(DataConfig(name="imagefolder", path=str(tmp_path / "absent")))
+        load_source(conf_section("data", name="imagefolder", path=str(tmp_path / "absent")))
 
 
 def test_imagefolder_source_drops_a_class_with_no_usable_image(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "imgs", classes=2, per_class=4)
     (root / "class_x").mkdir()
     (root / "class_x" / "a.png").write_bytes(b"junk")
-    raw = load_source(DataConfig(name="imagefolder", path=str(root), channels=1, image_size=12))
+    raw = load_source(conf_section("data", name="imagefolder", path=str(root), channels=1, image_size=12))
     assert raw.classes == ["class_0", "class_1"]
     assert set(raw.labels.tolist()) == {0, 1}
     assert [s["file"] for s in raw.skipped] == ["class_x/a.png"]
@@ -442,7 +443,7 @@ def test_imagefolder_source_drops_a_class_with_no_usable_image(tmp_path: Path) -
 def test_imagefolder_source_reads_nested_folders(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "imgs", classes=2, per_class=3)
     write_png(root / "class_1" / "sub" / "deeper.png", np.zeros((12, 12), dtype=np.uint8))
-    raw = load_source(DataConfig(name="imagefolder", path=str(root), channels=1, image_size=12))
+    raw = load_source(conf_section("data", name="imagefolder", path=str(root), channels=1, image_size=12))
     assert np.bincount(raw.labels).tolist() == [3, 4]
 
 
@@ -478,7 +479,7 @@ def check_prepared(out: Path, meta: dict, n: int) -> dict[str, Split]:
 
 def test_prepare_splits_imagefolder(tmp_path: Path) -> None:
     root = make_messy_folder(tmp_path / "images")
-    cfg = to_config(
+    cfg = config_from(
         {
             "seed": 1,
             "data": {
@@ -514,7 +515,7 @@ def test_prepare_splits_digits(tmp_path: Path) -> None:
 
 
 def test_prepare_splits_digest_tracks_the_data(tmp_path: Path) -> None:
-    cfg = to_config({"data": {"name": "imagefolder", "path": str(tmp_path / "a"), "image_size": 12}})
+    cfg = config_from({"data": {"name": "imagefolder", "path": str(tmp_path / "a"), "image_size": 12}})
     make_image_folder(tmp_path / "a", classes=2, per_class=4, seed=0)
     first = prepare_splits(cfg, tmp_path / "p")["source_digest"]
     make_image_folder(tmp_path / "a", classes=2, per_class=4, seed=1)

@@ -11,13 +11,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from cnnpipe.config import ModelConfig, OptimConfig
+from cnnpipe.config import ModelConfig
 from cnnpipe.errors import DataError
 from cnnpipe.models.factory import build_model, model_spec
 from cnnpipe.models.layers import Normalize
 from cnnpipe.models.store import SPEC, WEIGHTS, load_model, save_model
 from cnnpipe.training.module import ImageClassifier
 from tests.conftest import ROOT
+from tests.tiny import conf_section
 
 MODELS = ("cnn", "cnn_bn", "resnet_small")
 SHAPES = ((1, 8, 8), (1, 28, 28), (3, 32, 32))
@@ -25,7 +26,7 @@ SHAPES = ((1, 8, 8), (1, 28, 28), (3, 32, 32))
 
 def model_cfg(name: str) -> ModelConfig:
     """The committed conf/model/<name>.yaml."""
-    return ModelConfig(**yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text()))
+    return conf_section("model", **yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text()))
 
 
 def meta(shape: tuple[int, int, int], num_classes: int = 5) -> dict:
@@ -74,9 +75,9 @@ def test_wider_config_gives_more_parameters() -> None:
     def count(cfg: ModelConfig) -> int:
         return sum(p.numel() for p in build_model(model_spec(cfg, meta((1, 8, 8)))).parameters())
 
-    small = ModelConfig(channels=[8], hidden=[16])
-    assert count(ModelConfig(channels=[16], hidden=[16])) > count(small)
-    assert count(ModelConfig(channels=[8], hidden=[16], convs_per_block=3)) > count(small)
+    small = conf_section("model", channels=[8], hidden=[16])
+    assert count(conf_section("model", channels=[16], hidden=[16])) > count(small)
+    assert count(conf_section("model", channels=[8], hidden=[16], convs_per_block=3)) > count(small)
 
 
 def test_batch_norm_and_dropout_follow_the_config() -> None:
@@ -89,7 +90,7 @@ def test_batch_norm_and_dropout_follow_the_config() -> None:
 
 
 def test_unknown_model_name() -> None:
-    spec = model_spec(ModelConfig(), meta((1, 8, 8)))
+    spec = model_spec(conf_section("model"), meta((1, 8, 8)))
     spec["model"]["name"] = "vgg"
     with pytest.raises(ValueError, match="vgg"):
         build_model(spec)
@@ -162,11 +163,16 @@ def test_tiny_overfit(name: str) -> None:
     """Up to a few hundred steps on 20 random images memorise them: model, loss and optimiser learn."""
     x = torch.rand(20, 1, 8, 8)
     y = torch.arange(20) % 4
-    cfg = ModelConfig(
-        name=name, channels=[16, 32], convs_per_block=1, hidden=[64] if name == "cnn" else [], batch_norm=name != "cnn"
+    cfg = conf_section(
+        "model",
+        name=name,
+        channels=[16, 32],
+        convs_per_block=1,
+        hidden=[64] if name == "cnn" else [],
+        batch_norm=name != "cnn",
     )
     net = build_model(model_spec(cfg, meta((1, 8, 8), num_classes=4)))
-    module = ImageClassifier(net, 4, OptimConfig(name="adam", lr=0.002, weight_decay=0.0, scheduler="none"))
+    module = ImageClassifier(net, 4, conf_section("optim", name="adam", lr=0.002, weight_decay=0.0, scheduler="none"))
     optimizer = module.configure_optimizers()
     assert isinstance(optimizer, torch.optim.Adam)
     assert accuracy(module, x, y) < 1.0

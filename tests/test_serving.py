@@ -23,7 +23,6 @@ import requests
 import torch
 from PIL import Image
 
-from cnnpipe.config import ModelConfig
 from cnnpipe.data.images import decode_image
 from cnnpipe.data.store import load_split
 from cnnpipe.errors import DataError
@@ -32,6 +31,7 @@ from cnnpipe.models.store import save_model
 from cnnpipe.serving.predictor import ImagePredictor
 from tests.conftest import BIN, stage_env
 from tests.test_registry import trained_project
+from tests.tiny import conf_section
 
 CHAMPION = "models:/cnnpipe-digits@champion"
 
@@ -42,7 +42,7 @@ CHAMPION = "models:/cnnpipe-digits@champion"
 def tiny_model(folder: Path, channels: int = 1, classes: tuple[str, ...] = ("cat", "dog", "eel")) -> Path:
     """An untrained (seeded) CNN saved as models/ would be: preprocessing tests need no training."""
     spec = {
-        "model": asdict(ModelConfig(channels=[4], convs_per_block=1, hidden=[8])),
+        "model": asdict(conf_section("model", channels=[4], convs_per_block=1, hidden=[8])),
         "in_shape": [channels, 8, 8],
         "classes": list(classes),
         "mean": [0.4] * channels,

@@ -3,11 +3,15 @@ DDP helper script (tests/ddp_steps.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
 
-from cnnpipe.config import Config, load_config
+from cnnpipe.config import Config, load_config, to_config
 from cnnpipe.data.store import Split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,3 +34,23 @@ def tiny_config(*overrides: str) -> Config:
         ["train.hparams=params", "trainer.accelerator=cpu", "data.batch_size=16", "optim.lr=0.01", *overrides],
         root=ROOT,
     )
+
+
+@functools.cache
+def conf_defaults() -> Config:
+    """The committed params.yaml as a Config: conf/ is the one source of defaults, the schema has none."""
+    return load_config(["train.hparams=params"], root=ROOT)
+
+
+def conf_section(section: str, /, **changes: Any) -> Any:
+    """One section of the committed config (`data`, `model`, `optim`, `augment`, ...) with `changes` applied."""
+    return dataclasses.replace(getattr(conf_defaults(), section), **changes)
+
+
+def config_from(tree: dict[str, Any]) -> Config:
+    """`tree` (a partial config, e.g. {"data": {...}}) over the committed params.yaml, checked like a stage's."""
+
+    def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+        return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and k in base else v for k, v in over.items()}}
+
+    return to_config(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), tree))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -35,107 +35,113 @@ OUTPUT_PATHS = ("prepared", "augmented", "models", "eval", "checkpoints", "sweep
 SOURCE_FOLDERS = (".git", ".dvc", "src", "conf", "pipelines", "tests")  # no output path may lie in these
 
 
+# The schema holds types and checks only: conf/ is the one source of values. A field here has no default, so a
+# key absent from params.yaml (or from a composition) is an error naming it, never a silent stand-in value.
+# The one exception is a sweep.space entry (ParamSpace), written by hand per searched key: what it leaves out
+# (low/high/log/step/choices) means "not given", as its checks require.
+
+
 @dataclass
 class SplitConfig:
-    train: float = 0.7
-    val: float = 0.1
-    test: float = 0.2
+    train: float
+    val: float
+    test: float
 
 
 @dataclass
 class DataConfig:
-    name: str = "digits"
-    path: str | None = None
-    channels: int = 1
-    image_size: int = 8
-    split: SplitConfig = field(default_factory=SplitConfig)
-    batch_size: int = 64
-    on_device: str = "auto"
-    workers: int = 2
+    name: str
+    path: str | None
+    channels: int
+    image_size: int
+    split: SplitConfig
+    batch_size: int
+    on_device: str
+    workers: int
 
 
 @dataclass
 class AugmentConfig:
-    copies: int = 4
-    rotate: float = 10.0
-    translate: float = 0.1
-    scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
-    hflip: bool = False
-    brightness: float = 0.1
-    contrast: float = 0.1
-    noise_std: float = 0.02
-    erase_prob: float = 0.0
-    erase_area: list[float] = field(default_factory=lambda: [0.02, 0.1])
-    preview: int = 64
+    copies: int
+    rotate: float
+    translate: float
+    scale: list[float]
+    hflip: bool
+    brightness: float
+    contrast: float
+    noise_std: float
+    erase_prob: float
+    erase_area: list[float]
+    preview: int
 
 
 @dataclass
 class ModelConfig:
-    name: str = "cnn"
-    channels: list[int] = field(default_factory=lambda: [32, 64])
-    convs_per_block: int = 2
-    hidden: list[int] = field(default_factory=lambda: [128])
-    dropout: float = 0.0
-    batch_norm: bool = False
-    init_from: str | None = None
-    freeze_epochs: int = 0
+    name: str
+    channels: list[int]
+    convs_per_block: int
+    hidden: list[int]
+    dropout: float
+    batch_norm: bool
+    init_from: str | None
+    freeze_epochs: int
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
-    lr: float = 0.003
-    weight_decay: float = 0.0005
-    momentum: float = 0.9
-    nesterov: bool = False
-    scheduler: str = "onecycle"
+    name: str
+    lr: float
+    weight_decay: float
+    momentum: float
+    nesterov: bool
+    scheduler: str
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    hparams: str = "params"
-    label_smoothing: float = 0.0
-    grad_clip: float = 0.0
-    monitor: str = "val/acc"
-    monitor_mode: str = "max"
-    early_stopping_patience: int = 0
-    deterministic: bool = False
-    resume: str = "auto"
+    epochs: int
+    hparams: str
+    label_smoothing: float
+    grad_clip: float
+    monitor: str
+    monitor_mode: str
+    early_stopping_patience: int
+    deterministic: bool
+    resume: str
 
 
 @dataclass
 class TrainerConfig:
-    accelerator: str = "auto"
-    devices: int = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "auto"
-    threads: int = 0
-    scale_lr: str = "none"
-    channels_last: str = "auto"
-    compile: bool = False
-    steps_per_call: int = 8
+    accelerator: str
+    devices: int
+    num_nodes: int
+    strategy: str
+    precision: str
+    threads: int
+    scale_lr: str
+    channels_last: str
+    compile: bool
+    steps_per_call: int
 
 
 @dataclass
 class TrackingConfig:
-    uri: str | None = None
-    experiment: str | None = None
-    log_model: bool = True
-    register: bool = True
-    registered_model: str | None = None
-    champion_metric: str = "acc"
-    champion_mode: str = "max"
+    uri: str | None
+    experiment: str | None
+    log_model: bool
+    register: bool
+    registered_model: str | None
+    champion_metric: str
+    champion_mode: str
 
 
 @dataclass
 class ParamSpace:
     """One searchable key: `float` / `int` between low and high (log scale optional, step for int),
-    or `categorical` over choices."""
+    or `categorical` over choices. `key` and `type` are required; the rest, when left out, is not given."""
 
-    key: str = "???"
-    type: str = "float"
+    key: str
+    type: str
     low: float | None = None
     high: float | None = None
     log: bool = False
@@ -145,44 +151,44 @@ class ParamSpace:
 
 @dataclass
 class SweepConfig:
-    study_name: str | None = None
-    n_trials: int = 8
-    timeout: float | None = None
-    metric: str = "val/acc"
-    direction: str = "maximize"
-    sampler: str = "tpe"
-    pruner: str = "median"
-    n_startup_trials: int = 3
-    n_warmup_epochs: int = 2
-    storage: str | None = None
-    workers: int = 1
-    space: dict[str, ParamSpace] = field(default_factory=dict)
+    study_name: str | None
+    n_trials: int
+    timeout: float | None
+    metric: str
+    direction: str
+    sampler: str
+    pruner: str
+    n_startup_trials: int
+    n_warmup_epochs: int
+    storage: str | None
+    workers: int
+    space: dict[str, ParamSpace]
 
 
 @dataclass
 class PathsConfig:
-    prepared: str = "data/prepared"
-    augmented: str = "data/augmented"
-    models: str = "models"
-    eval: str = "eval"
-    checkpoints: str = "checkpoints"
-    sweep: str = "sweep"
-    optuna: str = ".optuna"
-    allow_outside: bool = False
+    prepared: str
+    augmented: str
+    models: str
+    eval: str
+    checkpoints: str
+    sweep: str
+    optuna: str
+    allow_outside: bool
 
 
 @dataclass
 class Config:
-    seed: int = 42
-    data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int
+    data: DataConfig
+    augment: AugmentConfig
+    model: ModelConfig
+    optim: OptimConfig
+    train: TrainConfig
+    trainer: TrainerConfig
+    tracking: TrackingConfig
+    sweep: SweepConfig
+    paths: PathsConfig
 
 
 def find_project_root(start: Path | None = None) -> Path:
@@ -250,12 +256,21 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], conf_dir: Path) -
             if not group_file.is_file():
                 options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
                 raise ConfigError(f"{key}={value}: unknown {key}; choose one of {', '.join(options)}")
-            cfg[key] = OmegaConf.create(yaml.safe_load(group_file.read_text()) or {})
+            cfg[key] = OmegaConf.create(_group_option(conf_dir, key, str(value)))
         elif ov.is_delete():
             raise ConfigError(f"~{key}: deleting keys is not supported")
         else:
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
     return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
+
+
+def _group_option(conf_dir: Path, group: str, option: str) -> dict[str, Any]:
+    """The values of `conf/<group>/<option>.yaml`. One that extends another option (a `defaults:` list, as
+    conf/trainer/ddp.yaml extends default.yaml) is composed by Hydra, as `dvc exp run -S group=option` does."""
+    values = yaml.safe_load((conf_dir / group / f"{option}.yaml").read_text()) or {}
+    if isinstance(values, dict) and "defaults" in values:
+        return compose([f"{group}={option}"], conf_dir=conf_dir)[group]
+    return values
 
 
 def _check_sections(raw: Any, schema: Any, prefix: str = "") -> None:
@@ -273,12 +288,44 @@ def _check_sections(raw: Any, schema: Any, prefix: str = "") -> None:
             _check_sections(value, section, f"{prefix}{f.name}.")
 
 
+def missing_keys(raw: Any, schema: Any = Config, prefix: str = "") -> list[str]:
+    """The dotted keys the schema requires that `raw` leaves out (a section left out is named, not its
+    leaves). Only ParamSpace fields have defaults (not given); every other key must be present."""
+    if not isinstance(raw, dict):
+        return []
+    hints = get_type_hints(schema)
+    missing: list[str] = []
+    for f in fields(schema):
+        name = f"{prefix}{f.name}"
+        if f.name not in raw:
+            if f.default is MISSING and f.default_factory is MISSING:
+                missing.append(name)
+            continue
+        kind = hints[f.name]
+        if isinstance(kind, type) and is_dataclass(kind):
+            missing += missing_keys(raw[f.name], kind, f"{name}.")
+        elif getattr(kind, "__origin__", None) is dict and isinstance(raw[f.name], dict):
+            entry = kind.__args__[1]
+            if is_dataclass(entry):
+                for key, value in raw[f.name].items():
+                    missing += missing_keys(value, entry, f"{name}.{key}.")
+    return missing
+
+
 def to_config(raw: dict[str, Any], source: str = "config", root: Path | None = None) -> Config:
-    """Check `raw` against the schema (unknown keys, types, missing values), then validate values (and the
-    output paths against the project at `root`, when given)."""
+    """Check `raw` against the schema (unknown keys, types, keys left out, missing values), then validate
+    values (and the output paths against the project at `root`, when given). `raw` must hold every key: the
+    schema has no defaults (conf/ is the one source), so a params file without a key is an error naming it."""
     _check_sections(raw, Config)
     try:
         merged: DictConfig = OmegaConf.merge(OmegaConf.structured(Config), raw)  # type: ignore[assignment]
+        absent = missing_keys(raw)
+        if absent:
+            shown = ", ".join(absent[:8]) + (f" and {len(absent) - 8} more" if len(absent) > 8 else "")
+            raise ConfigError(
+                f"{source}: missing {'key' if len(absent) == 1 else 'keys'} {shown}; every key must be set, and "
+                "conf/ is the one source of defaults (re-compose params.yaml: make params)"
+            )
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except MissingMandatoryValue as exc:
         raise ConfigError(f"{exc.full_key} is required (set {exc.full_key}=...)") from None
