@@ -200,6 +200,17 @@ def find_project_root(start: Path | None = None) -> Path:
     raise ConfigError(f"no cnnpipe project (conf/config.yaml) at or above {here}")
 
 
+def store_root(project_root: Path) -> Path:
+    """The folder that holds the store. DVC runs queued experiments in temporary copies of the repo
+    (`.dvc/tmp/exps/...`): their runs belong in the original project's store, not the copy's."""
+    root = project_root.resolve()
+    parts = root.parts
+    for i in range(len(parts) - 3, 0, -1):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
 def compose(overrides: list[str] | None = None, conf_dir: Path | None = None) -> dict[str, Any]:
     """Compose `conf/` with Hydra, as `dvc exp run -S` does when it writes params.yaml."""
     from hydra import compose as hydra_compose
@@ -465,8 +476,6 @@ def validate_paths(cfg: Config, root: Path) -> None:
     same or nested. Outside the project only with `paths.allow_outside=true` (still never above it, never in
     its sources). `paths.optuna` is relative to the store root: DVC's experiment copies share the original's.
     """
-    from cnnpipe.tracking.uri import store_root
-
     project = root.resolve()
     resolved: dict[str, Path] = {}
     for key in OUTPUT_PATHS:

@@ -62,7 +62,10 @@ def preview_picture(
     mode = "L" if c == 1 else "RGB"
     measure = ImageDraw.Draw(Image.new(mode, (1, 1)))
     names = {
-        label: (classes[label] if classes is not None and label < len(classes) else str(label))[:LABEL_CHARS]
+        # one line each: a class (folder) name may hold a newline or a tab
+        label: " ".join((classes[label] if classes is not None and label < len(classes) else str(label)).split())[
+            :LABEL_CHARS
+        ]
         for label in rows
     }
     label_width = int(max(measure.textlength(f"{name} ", font=font) for name in names.values())) + GAP

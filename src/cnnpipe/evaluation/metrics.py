@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 
 import torch
@@ -59,3 +61,31 @@ def predict_logits(
         for i in range(0, len(images), batch_size)
     ]
     return torch.cat(out) if out else torch.empty(0, 0)
+
+
+# Class names are data (image folder names): `c++`, `cat&dog`, `a|b`, a newline... MLflow accepts in metric names
+# only word characters, `_ - . / :` and spaces, and no `.`/`..` path segments. A name becomes one path segment:
+# kept as it is when it already fits (`test/f1/cat`, `test/f1/7`), else every other character becomes `_` and a
+# short hash of the true name follows (`test/f1/c__-5d0e8f`), so names stay distinct and stable across runs.
+_METRIC_UNSAFE = re.compile(r"[^\w.\- ]")  # `/` and `:` too: one segment, and Windows-safe
+_METRIC_SEGMENT_MAX = 120  # MLflow keys hold 250 characters
+
+
+def metric_segment(name: str) -> str:
+    """`name` as one segment of an MLflow metric name: itself if it is safe, else sanitised plus a hash."""
+    safe = _METRIC_UNSAFE.sub("_", name)
+    if safe == name and safe.strip(".") and len(safe) <= _METRIC_SEGMENT_MAX:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:6]
+    return f"{safe[:_METRIC_SEGMENT_MAX]}-{digest}"
+
+
+def per_class_metric_names(prefix: str, classes: list[str]) -> list[str]:
+    """One distinct MLflow metric name per class, `prefix/<segment>` (see `metric_segment`)."""
+    names = [f"{prefix}/{metric_segment(str(c))}" for c in classes]
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):  # two names sanitised alike keep their hashes apart; a clash left: the index
+        if name in seen:
+            names[i] = f"{name}-{i}"
+        seen[names[i]] = i
+    return names

@@ -39,13 +39,19 @@ def plot_curves(rows: list[dict[str, float]], path: Path) -> None:
     _save(fig, path)
 
 
+def plain_label(text: str) -> str:
+    """A class name shown as itself: matplotlib reads `$...$` as mathtext (and fails on bad TeX), so `$` is escaped."""
+    return str(text).replace("$", r"\$")
+
+
 def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str = "test confusion matrix") -> None:
     n = len(classes)
     size = max(4.0, min(16.0, 0.5 * n + 2))
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(n), classes, rotation=90 if n > 12 else 0)
-    ax.set_yticks(range(n), classes)
+    labels = [plain_label(c) for c in classes]
+    ax.set_xticks(range(n), labels, rotation=90 if n > 12 else 0)
+    ax.set_yticks(range(n), labels)
     ax.set(xlabel="predicted", ylabel="actual", title=title)
     if n <= 30:
         peak = matrix.max() or 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from cnnpipe.evaluation.metrics import TestMetrics
 
 SUMMARY_NAMES = {
@@ -12,6 +14,22 @@ SUMMARY_NAMES = {
     "ece": "calibration error (ECE)",
     "loss": "cross-entropy",
 }
+
+
+# Class names are data: `a|b` would split a table cell, a newline end the table, `<script>`, `[x](y)`, `$x$`, `*`
+# or a backtick would render as HTML, a link, math or emphasis. In markdown they are escaped so the true name shows.
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|$~>-])")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def md_text(text: str) -> str:
+    """`text` as literal markdown inline text, safe inside a table cell: what renders is `text` itself
+    (line breaks as `<br>`, other control characters as `\\xNN`)."""
+    text = str(text).replace("&", "&amp;").replace("<", "&lt;")
+    text = _MD_SPECIAL.sub(r"\\\1", text)
+    text = _LINE_BREAK.sub("<br>", text)
+    return _CONTROL.sub(lambda m: f"\\\\x{ord(m.group()):02x}", text)
 
 
 def summary_table(m: TestMetrics) -> str:
@@ -38,7 +56,7 @@ def report_markdown(m: TestMetrics, classes: list[str], n_test: int, run_id: str
     pc = m.per_class
     for i, name in enumerate(classes):
         lines.append(
-            f"| {name} | {pc['precision'][i]:.4f} | {pc['recall'][i]:.4f} | {pc['f1'][i]:.4f} | "
+            f"| {md_text(name)} | {pc['precision'][i]:.4f} | {pc['recall'][i]:.4f} | {pc['f1'][i]:.4f} | "
             f"{int(pc['support'][i])} |"
         )
     lines += [

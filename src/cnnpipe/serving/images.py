@@ -9,6 +9,16 @@ Accepted, so the same model answers Python callers, `mlflow models serve` JSON a
 Preprocessing is the training data's: encoded files go through `decode_image` (EXIF orientation, alpha over
 black, 16-bit stretch, channels, bilinear resize), arrays through `fit_images` (as the digits / MNIST sources).
 Scaling to [0, 1] is left to the predictor; the network normalises itself.
+
+Decoding is bounded, since a few KB of PNG can announce a 9,400 x 9,400 image: each image's size is read from its
+header before any pixel is decoded, and an image over `CNNPIPE_MAX_IMAGE_PIXELS` (default 40 M pixels, e.g. 7,300 x
+5,500), or one that would take the request past `CNNPIPE_MAX_REQUEST_PIXELS` (default 400 M pixels), gets a row
+error saying its size and the limit (0 turns a limit off; Pillow's own bomb limit, ~179 M pixels, still holds).
+Images over 4 M pixels are decoded one at a time per process (concurrent requests wait for each other) and
+downscaled as they are read: JPEGs decode at a reduced DCT scale (`draft`), others are `reduce`d right after
+decoding, to at least 3x the model's input size; then the usual resize. Their pixels can therefore differ from
+prepare's decoding by rounding; smaller images decode exactly as prepare decodes them. Peak memory for one process
+stays about one image at the per-image limit (4 bytes a pixel), whatever the number of requests or images.
 """
 
 from __future__ import annotations
@@ -16,19 +26,82 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 import re
+import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageOps
 
-from cnnpipe.data.images import ImageDecodeError, decode_image
+from cnnpipe.data.images import DECODE_ERRORS, ImageDecodeError, _to_8bit, decode_image
 from cnnpipe.data.sources import fit_images
 from cnnpipe.errors import DataError
 
 COLUMN = "image"  # the input column of DataFrames (MLflow's dataframe_split / dataframe_records JSON) and dicts
 CHANNEL_COUNTS = (1, 2, 3, 4)  # gray, gray+alpha, RGB, RGBA
+
+MAX_IMAGE_PIXELS_ENV, DEFAULT_MAX_IMAGE_PIXELS = "CNNPIPE_MAX_IMAGE_PIXELS", 40_000_000
+MAX_REQUEST_PIXELS_ENV, DEFAULT_MAX_REQUEST_PIXELS = "CNNPIPE_MAX_REQUEST_PIXELS", 400_000_000
+LARGE_IMAGE_PIXELS = 1 << 22  # above this (4.2 M pixels): decoded one at a time, downscaled as read
+REDUCING_GAP = 3  # downscaled as read to at least this many times the model's input size (as decode_image resizes)
+# The MLflow scoring server runs requests in threads. Large images are decoded by one thread of their own, one at a
+# time: one image's pixels in memory at once, and always from the same malloc arena (decoded in each request's own
+# thread, glibc keeps a freed image in every thread's arena: 4 threads, 4 images' worth of resident memory).
+_LARGE_DECODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnpipe-decode")
+
+
+@dataclass(frozen=True)
+class PixelLimits:
+    image: int  # pixels per image (width x height), 0: none
+    request: int  # pixels per call (all its images together), 0: none
+
+    @classmethod
+    def from_env(cls) -> PixelLimits:
+        return cls(
+            _env_limit(MAX_IMAGE_PIXELS_ENV, DEFAULT_MAX_IMAGE_PIXELS),
+            _env_limit(MAX_REQUEST_PIXELS_ENV, DEFAULT_MAX_REQUEST_PIXELS),
+        )
+
+
+def _env_limit(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip().replace("_", "")
+    if not text:
+        return default
+    try:
+        value = int(float(text))
+    except ValueError:
+        raise DataError(f"{name}={os.environ[name]!r}: expected a number of pixels (0: no limit)") from None
+    if value < 0:
+        raise DataError(f"{name}={os.environ[name]!r}: expected a number of pixels >= 0 (0: no limit)")
+    return value
+
+
+class _Budget:
+    """The pixels a call may still decode."""
+
+    def __init__(self, limits: PixelLimits) -> None:
+        self.limits, self.used = limits, 0
+
+    def take(self, width: int, height: int) -> None:
+        pixels = width * height
+        limit = self.limits.image
+        if limit and pixels > limit:
+            raise DataError(
+                f"image of {width}x{height} = {pixels:,} pixels is over the limit of {limit:,} pixels per image "
+                f"({MAX_IMAGE_PIXELS_ENV}); send a smaller image"
+            )
+        limit = self.limits.request
+        if limit and self.used + pixels > limit:
+            raise DataError(
+                f"image of {width}x{height} = {pixels:,} pixels would take this request to {self.used + pixels:,} "
+                f"pixels, over the limit of {limit:,} pixels per request ({MAX_REQUEST_PIXELS_ENV}); "
+                "send fewer or smaller images per request"
+            )
+        self.used += pixels
 
 
 @dataclass
@@ -37,18 +110,23 @@ class ImageBatch:
     errors: list[str | None]  # per row: why it could not be used, or None
 
 
-def to_batch(model_input: Any, in_shape: Sequence[int]) -> ImageBatch:
+def to_batch(model_input: Any, in_shape: Sequence[int], limits: PixelLimits | None = None) -> ImageBatch:
     """Normalise any accepted input to one batch at `in_shape` (C, H, W). Whole-input problems (a bad array
-    shape or dtype) raise DataError; a single undecodable file only marks its row."""
+    shape or dtype, pixel arrays over the limits) raise DataError; a single undecodable file, or one over the
+    pixel limits (`limits`, default from the environment), only marks its row."""
     channels, size = int(in_shape[0]), int(in_shape[-1])
+    budget = _Budget(limits or PixelLimits.from_env())
     cells = _cells(model_input)
     if isinstance(cells, np.ndarray):
-        return ImageBatch(_fit_pixels(_batch_nchw(cells, in_shape), channels, size), [None] * len(cells))
+        batch = _batch_nchw(cells, in_shape)
+        for _ in range(len(batch)):
+            budget.take(batch.shape[-1], batch.shape[-2])
+        return ImageBatch(_fit_pixels(batch, channels, size), [None] * len(cells))
     images = np.zeros((len(cells), channels, size, size), dtype=np.uint8)
     errors: list[str | None] = [None] * len(cells)
     for i, cell in enumerate(cells):
         try:
-            images[i] = _one_image(cell, in_shape)
+            images[i] = _one_image(cell, in_shape, budget)
         except (ImageDecodeError, DataError) as exc:
             errors[i] = str(exc)
     return ImageBatch(images, errors)
@@ -95,17 +173,20 @@ def _cells(model_input: Any) -> np.ndarray | list[Any]:
     return model_input
 
 
-def _one_image(cell: Any, in_shape: Sequence[int]) -> np.ndarray:
+def _one_image(cell: Any, in_shape: Sequence[int], budget: _Budget) -> np.ndarray:
     """One item: encoded bytes, base64 text, or the pixels of one image."""
     channels, size = int(in_shape[0]), int(in_shape[-1])
     if isinstance(cell, str):
         cell = _from_base64(cell)
     if isinstance(cell, (bytes, bytearray, memoryview)):
         try:
-            return decode_image(io.BytesIO(bytes(cell)), channels, size)  # type: ignore[arg-type]  # a file object
+            return _decode_bounded(bytes(cell), channels, size, budget)
         except ImageDecodeError as exc:  # Pillow names the file object: "<_io.BytesIO object at 0x...>"
             raise ImageDecodeError(re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))) from None
     pixels = np.asarray(cell)
+    if pixels.ndim in (2, 3):
+        height, width = (pixels.shape if pixels.ndim == 2 else _hw(pixels.shape, in_shape))[-2:]
+        budget.take(width, height)
     if pixels.ndim == 2:
         pixels = pixels[None]
     elif pixels.ndim == 3:
@@ -113,6 +194,69 @@ def _one_image(cell: Any, in_shape: Sequence[int]) -> np.ndarray:
     else:
         raise DataError(f"one image must be (H, W), (H, W, C) or (C, H, W), got shape {pixels.shape}")
     return _fit_pixels(pixels[None], channels, size)[0]
+
+
+def _hw(shape: Sequence[int], in_shape: Sequence[int]) -> tuple[int, int]:
+    """(height, width) of one 3-D image, channels first or last."""
+    return (shape[1], shape[2]) if _channels_first(shape, in_shape) else (shape[0], shape[1])
+
+
+def _decode_bounded(data: bytes, channels: int, size: int, budget: _Budget) -> np.ndarray:
+    """Encoded bytes -> uint8 (channels, size, size), its size checked against `budget` from the header first.
+    Up to LARGE_IMAGE_PIXELS exactly as prepare decodes (`decode_image`); larger ones downscaled as read."""
+    try:
+        with warnings.catch_warnings():
+            # Our limits decide; Pillow's warning threshold (89 M pixels) would otherwise refuse what they allow.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:  # lazy: the header only, no pixels yet
+                width, height = img.size
+    except DECODE_ERRORS as exc:
+        raise ImageDecodeError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    budget.take(width, height)
+    if width * height <= LARGE_IMAGE_PIXELS:
+        return decode_image(io.BytesIO(data), channels, size)  # type: ignore[arg-type]  # a file object
+    try:
+        return _LARGE_DECODER.submit(_decode_large, data, channels, size).result()
+    except DECODE_ERRORS as exc:
+        raise ImageDecodeError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+def _decode_large(data: bytes, channels: int, size: int) -> np.ndarray:
+    """A large image decoded small: JPEG at the smallest DCT scale still >= REDUCING_GAP x `size`, anything else
+    `reduce`d by a whole factor right after decoding (palette, bilevel and 16-bit modes converted first, as reduce
+    needs); then the steps of `decode_image` after its load, on the small image."""
+    target = REDUCING_GAP * size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as opened:
+            if opened.format == "JPEG":
+                opened.draft(None, (target, target))
+            opened.load()
+            img: Image.Image = opened
+            sixteen = img.mode.startswith("I;16")
+            if img.mode in ("P", "PA"):
+                img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
+            elif img.mode == "1":
+                img = img.convert("L")
+            elif sixteen:
+                img = img.convert("I")
+            factor = min(img.size) // target
+            if factor >= 2:
+                img = img.reduce(factor)
+            if sixteen:
+                img = img.convert("I;16")  # back to 16 bits: decode_image's stretch treats them as such
+            img = ImageOps.exif_transpose(img)
+    # From here on, decode_image's own steps (cnnpipe.data.images), on a small image.
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        img = _to_8bit(img)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    img = img.convert("L" if channels == 1 else "RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None, :, :] if channels == 1 else arr.transpose(2, 0, 1).copy()
 
 
 def _from_base64(text: str) -> bytes:

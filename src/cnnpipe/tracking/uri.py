@@ -6,19 +6,10 @@ import os
 import re
 from pathlib import Path
 
+from cnnpipe.config import store_root
+
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-
-
-def store_root(project_root: Path) -> Path:
-    """The folder that holds the store. DVC runs queued experiments in temporary copies of the repo
-    (`.dvc/tmp/exps/...`): their runs belong in the original project's store, not the copy's."""
-    root = project_root.resolve()
-    parts = root.parts
-    for i in range(len(parts) - 3, 0, -1):
-        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return root
 
 
 def resolve_tracking_uri(configured: str | None, project_root: Path) -> str:
@@ -35,8 +26,3 @@ def artifact_location(project_root: Path, experiment: str) -> str:
     """Artifacts under the project (absolute file URI), never MLflow's cwd-relative `./mlruns`."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment)
     return (store_root(project_root) / ARTIFACTS_DIR / safe).as_uri()
-
-
-def mask_secrets(uri: str) -> str:
-    """`scheme://user:password@host` -> `scheme://user:***@host`, for anything logged or printed."""
-    return re.sub(r"(://[^/:@]*:)[^/@]+@", r"\1***@", uri)
