@@ -158,3 +158,28 @@ def test_concurrent_requests_of_huge_pngs_stay_bounded(tmp_path: Path) -> None:
     assert refused["growth_mb"] < 20, refused
     errors = refused["errors"]
     assert len(errors) == 8 and all(e and "9400x9400" in e and "40,000,000 pixels per image" in e for e in errors)
+
+
+def test_predict_folder_sends_large_photos_in_calls_under_the_request_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, predictor: ImagePredictor
+) -> None:
+    """predict.py batches by count and by header pixels, so no row is refused for the request limit: 6 images of
+    40x40 under a 4,000-pixel request limit go as calls of 2; every row is classified."""
+    from cnnpipe.serving.predict import batches, predict_folder
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(noise(40, 40, seed=i)).save(folder / f"{i}.png")
+    files = sorted(folder.iterdir())
+    assert [len(b) for b in batches(files, 256, 4_000)] == [2, 2, 2]
+    assert [len(b) for b in batches(files, 4, 0)] == [4, 2]
+    monkeypatch.setenv("CNNPIPE_MAX_REQUEST_PIXELS", "4000")
+    calls: list[int] = []
+
+    def predict(blobs: list[bytes]):
+        calls.append(len(blobs))
+        return predictor.predict(np.array(blobs, dtype=object))
+
+    report = predict_folder(folder, predict, tmp_path / "out.csv")
+    assert calls == [2, 2, 2] and report.images == 6 and report.unreadable == 0

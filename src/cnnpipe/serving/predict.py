@@ -11,17 +11,19 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from cnnpipe.atomic import write_text_atomic
 from cnnpipe.config import Config
 from cnnpipe.data.images import IMAGE_SUFFIXES
 from cnnpipe.errors import DataError
+from cnnpipe.serving.images import PixelLimits
 from cnnpipe.serving.predictor import ImagePredictor
 
 COLUMNS = ("file", "class", "probability", "error")
@@ -87,14 +89,39 @@ def predict_folder(folder: Path, predict: PredictFn, out: Path, batch_size: int 
     if not files:
         raise DataError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     rows: list[dict[str, object]] = []
-    for start in range(0, len(files), batch_size):
-        rows += _predict_batch(folder, files[start : start + batch_size], predict)
+    for batch in batches(files, batch_size, PixelLimits.from_env().request):
+        rows += _predict_batch(folder, batch, predict)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(out, buf.getvalue())
     return PredictReport(len(rows), sum(1 for r in rows if r["error"]), out)
+
+
+def batches(files: list[Path], size: int, max_pixels: int) -> Iterator[list[Path]]:
+    """`files` in groups of at most `size`, each also under `max_pixels` in all (0: no bound) as read from the
+    image headers: the model refuses a call past its request pixel limit, so a folder of large photos is sent in
+    smaller calls rather than getting rows refused. A file whose header cannot be read counts 0 (its row says why)."""
+    batch: list[Path] = []
+    pixels = 0
+    for path in files:
+        n = _header_pixels(path)
+        if batch and (len(batch) == size or (max_pixels and pixels + n > max_pixels)):
+            yield batch
+            batch, pixels = [], 0
+        batch.append(path)
+        pixels += n
+    if batch:
+        yield batch
+
+
+def _header_pixels(path: Path) -> int:
+    try:
+        with Image.open(path) as img:  # lazy: reads the header, decodes nothing
+            return img.width * img.height
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return 0
 
 
 def _predict_batch(folder: Path, files: list[Path], predict: PredictFn) -> list[dict[str, object]]:
