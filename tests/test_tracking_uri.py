@@ -7,14 +7,9 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from cnnpipe.tracking.uri import (
-    ARTIFACTS_DIR,
-    DB_NAME,
-    artifact_location,
-    mask_secrets,
-    resolve_tracking_uri,
-    store_root,
-)
+from cnnpipe.config import store_root
+from cnnpipe.redact import mask_secrets
+from cnnpipe.tracking.uri import ARTIFACTS_DIR, DB_NAME, artifact_location, resolve_tracking_uri
 
 
 def sqlite_path(uri: str) -> Path:
@@ -43,12 +38,15 @@ def test_configured_uri_beats_the_default(tmp_path: Path) -> None:
     assert resolve_tracking_uri("", tmp_path) == f"sqlite:///{tmp_path.resolve() / DB_NAME}"
 
 
-def test_environment_beats_configured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_configured_beats_the_environment_which_beats_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An explicit tracking.uri is what the user asked for: $MLFLOW_TRACKING_URI is only the fallback."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://u:p@db/mlflow")
-    assert resolve_tracking_uri("http://configured:5000", tmp_path) == "postgresql://u:p@db/mlflow"
+    assert resolve_tracking_uri("http://configured:5000", tmp_path) == "http://configured:5000"
     assert resolve_tracking_uri(None, tmp_path) == "postgresql://u:p@db/mlflow"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # empty counts as unset
-    assert resolve_tracking_uri("http://configured:5000", tmp_path) == "http://configured:5000"
+    assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / DB_NAME}"
 
 
 def test_no_ambient_tracking_uri_in_tests(tmp_path: Path) -> None:

@@ -13,13 +13,9 @@ ARTIFACTS_DIR = "mlartifacts"
 
 
 def resolve_tracking_uri(configured: str | None, project_root: Path) -> str:
-    """$MLFLOW_TRACKING_URI, else `tracking.uri`, else an SQLite file at the project root (absolute)."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    if configured:
-        return configured
-    return f"sqlite:///{store_root(project_root) / DB_NAME}"
+    """`tracking.uri` when set (what the user asked for), else $MLFLOW_TRACKING_URI, else an SQLite file at the
+    project root (absolute)."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root(project_root) / DB_NAME}"
 
 
 def artifact_location(project_root: Path, experiment: str) -> str:
