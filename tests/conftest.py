@@ -80,3 +80,56 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: in
             img[r0 : r0 + 4, 2:10] = 230
             write_png(root / f"class_{c}" / f"img_{i}.png", img)
     return root
+
+
+# Helpers for tests that run real stage processes against a real MLflow store (tests/test_concurrency.py,
+# tests/test_orphans.py). Fast training: the prepared train split as is, params.yaml values, one torch thread.
+FAST_TRAIN = ["augment=none", "train.hparams=params", "trainer.threads=1"]
+
+
+def stage_cmd(stage: str, *overrides: str) -> list[str]:
+    """`python pipelines/<stage>.py ...` (train gets FAST_TRAIN first)."""
+    return [sys.executable, f"pipelines/{stage}.py", *(FAST_TRAIN if stage == "train" else []), *overrides]
+
+
+def run_stage_process(project: Path, stage: str, *overrides: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        stage_cmd(stage, *overrides), cwd=project, env=stage_env(), capture_output=True, text=True, timeout=600
+    )
+
+
+def start_stage_process(project: Path, stage: str, *overrides: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        stage_cmd(stage, *overrides),
+        cwd=project,
+        env=stage_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def sqlite_store(project: Path, name: str) -> tuple[str, str]:
+    """(`tracking.uri=...` override, the URI) of an SQLite store of its own in the project."""
+    uri = f"sqlite:///{project / f'mlflow-{name}.db'}"
+    return f"tracking.uri={uri}", uri
+
+
+def stage_runs(client, stage: str = "train", experiment: str = "cnnpipe-digits") -> list:
+    """The experiment's runs of one stage (tag `cnnpipe.stage`); [] while the experiment does not exist."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`cnnpipe.stage` = '{stage}'")
+
+
+def poll(predicate, timeout: float = 120.0, what: str = "condition", every: float = 0.2) -> None:
+    """Wait until `predicate()` is true; fail the test after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(every)
+    pytest.fail(f"timed out waiting for {what}")

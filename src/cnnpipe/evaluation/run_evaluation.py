@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +14,10 @@ from cnnpipe.config import Config
 from cnnpipe.console import info
 from cnnpipe.data.store import load_split
 from cnnpipe.errors import DataError
-from cnnpipe.evaluation.metrics import TestMetrics, classification_metrics, predict_logits
+from cnnpipe.evaluation.metrics import TestMetrics, classification_metrics, per_class_metric_names, predict_logits
 from cnnpipe.evaluation.plots import plot_confusion
 from cnnpipe.evaluation.report import report_markdown, summary_table
-from cnnpipe.models.store import load_model
+from cnnpipe.models.store import load_published
 from cnnpipe.tracking.registry import register_run_model, registered_model_name
 from cnnpipe.tracking.runs import log_into_run
 
@@ -62,13 +61,18 @@ def register(cfg: Config, root: Path, run_id: str, metrics: dict[str, float]) ->
 
 def run_evaluation(cfg: Config, root: Path) -> dict[str, Any]:
     models_dir, out = root / cfg.paths.models, root / cfg.paths.eval
-    net, spec = load_model(models_dir)
+    net, spec, run_info = load_published(models_dir)  # model + run.json under the shared lock, sha256 checked
     test = load_split(root / cfg.paths.prepared / "test.npz")
     classes = spec["classes"]
     if list(test.images.shape[1:]) != list(spec["in_shape"]):
         raise DataError(
             f"{root / cfg.paths.prepared / 'test.npz'}: images of shape {list(test.images.shape[1:])} "
             f"do not fit the model's input {spec['in_shape']}; re-run `dvc repro`"
+        )
+    if len(test.labels) and int(test.labels.max()) >= len(classes):
+        raise DataError(
+            f"{root / cfg.paths.prepared / 'test.npz'}: label {int(test.labels.max())} out of range for the model's "
+            f"{len(classes)} classes; re-run `dvc repro`"
         )
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
     labels = torch.from_numpy(test.labels)
@@ -79,14 +83,14 @@ def run_evaluation(cfg: Config, root: Path) -> dict[str, Any]:
     write_json_atomic(out / "confusion.json", confusion_records(labels, logits.argmax(1), classes))
     write_text_atomic(out / "per_class.csv", per_class_csv(m, classes))
     plot_confusion(m.confusion.numpy(), classes, out / "confusion.png")
-    run_file = models_dir / "run.json"
-    run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
+    run_id = run_info.get("run_id") if run_info else None
     write_text_atomic(out / "report.md", report_markdown(m, classes, len(labels), run_id, spec["model"]["name"]))
 
     if run_id:
         run = log_into_run(cfg.tracking.uri, root, run_id)
         run.log_metrics({f"test/{k}": v for k, v in m.summary.items()}, step=0)
-        run.log_metrics({f"test/f1/{c}": v for c, v in zip(classes, m.per_class["f1"], strict=True)}, step=0)
+        f1_names = per_class_metric_names("test/f1", classes)  # class names are data: made MLflow-safe
+        run.log_metrics(dict(zip(f1_names, m.per_class["f1"], strict=True)), step=0)
         for name in ("metrics.json", "per_class.csv", "confusion.png", "confusion.json", "report.md"):
             run.log_artifact(out / name, "eval")
         run.set_tags({"cnnpipe.evaluated": "true"})

@@ -8,10 +8,14 @@ champion needs neither the old run nor its experiment.
 from __future__ import annotations
 
 import math
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
@@ -19,8 +23,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.redact import mask_secrets
 from cnnpipe.tracking.runs import connect
-from cnnpipe.tracking.uri import mask_secrets
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (the versions are still de-duplicated after registering)
+    fcntl = None  # type: ignore[assignment]
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 METRIC_TAG = "test/{}"  # version tag per test metric, as the run's metric names
@@ -66,15 +75,32 @@ def register_run_model(
     """Register (or, for a re-evaluated run, update) the run's model as a version of `name`, tag it with
     `metrics`, point `candidate` at it, and move `champion` to it when it beats the current champion on
     `champion_metric` (higher for mode max, lower for min; a tie keeps the champion). None: no logged model."""
-    client, _ = connect(configured_uri, project_root)
+    client, uri = connect(configured_uri, project_root)
+    with _store_lock(uri):  # two evaluations at once on a local store: one registers, the other finds it
+        return _register(client, run_id, name, metrics, champion_metric, champion_mode)
+
+
+def _register(
+    client: MlflowClient,
+    run_id: str,
+    name: str,
+    metrics: dict[str, float],
+    champion_metric: str,
+    champion_mode: str,
+) -> Registration | None:
     model_id = logged_model_id(client, run_id)
     if model_id is None:
         return None
     tags = {METRIC_TAG.format(k): str(v) for k, v in metrics.items()} | {RUN_TAG: run_id}
     version = _existing_version(client, name, run_id)
     if version is None:
-        version = mlflow.register_model(f"models:/{model_id}", name, tags=tags)
+        registered = mlflow.register_model(f"models:/{model_id}", name, tags=tags)
+        # A server (no lock across hosts) may have let another evaluation register this run too: keep one.
+        version = _one_version_per_run(client, name, run_id, registered)
+        fresh = str(version.version) == str(registered.version)
     else:
+        fresh = False
+    if not fresh:
         for key, value in tags.items():
             client.set_model_version_tag(name, str(version.version), key, value)
     number = str(version.version)
@@ -109,12 +135,67 @@ def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersio
 
 
 def _existing_version(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
-    """The version already registered from this run (evaluate ran again): updated, not duplicated."""
+    """The version already registered from this run (evaluate ran again): updated, not duplicated. The lowest,
+    should there be several (what `_one_version_per_run` keeps)."""
     try:
         found = client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
     except MlflowException:
         return None
-    return max(found, key=lambda v: int(v.version)) if found else None
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def _one_version_per_run(client: MlflowClient, name: str, run_id: str, registered: ModelVersion) -> ModelVersion:
+    """After registering: if concurrent evaluations registered the run more than once, keep the lowest version
+    (every process agrees on it: numbers only grow) and delete the others, moving any alias they hold to it."""
+    found = client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
+    if not found:
+        return registered
+    keep = min(found, key=lambda v: int(v.version))
+    extra = {str(v.version) for v in found if int(v.version) > int(keep.version)}
+    if extra:
+        for alias, number in client.get_registered_model(name).aliases.items():
+            if str(number) in extra:
+                client.set_registered_model_alias(name, alias, str(keep.version))
+        for number in sorted(extra):
+            with suppress(MlflowException):  # the other evaluation deleted it first
+                client.delete_model_version(name, number)
+    return keep
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """An exclusive flock beside a local store (SQLite file or file store folder); nothing for a server, where
+    `_one_version_per_run` mends a race after the fact."""
+    path = _local_store_path(uri)
+    if fcntl is None or path is None:
+        yield
+        return
+    lock = path / ".cnnpipe-registry.lock" if path.is_dir() else path.with_name(f"{path.name}-cnnpipe-registry.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # a read-only place: no lock
+        yield
+        return
+    try:
+        with suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _local_store_path(uri: str) -> Path | None:
+    """The SQLite file or file-store folder behind a local tracking URI; None for a server or another database."""
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///") :].split("?", 1)[0]
+        return Path(db) if db and db != ":memory:" else None
+    if uri.startswith("file:"):
+        path = Path(urlparse(uri).path)
+    elif "://" not in uri:
+        path = Path(uri)
+    else:
+        return None
+    return path if path.is_dir() else None
 
 
 def _as_float(text: str | None) -> float | None:

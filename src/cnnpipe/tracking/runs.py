@@ -13,10 +13,16 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cnnpipe.tracking.uri import artifact_location, mask_secrets, resolve_tracking_uri
+from cnnpipe.console import warn
+from cnnpipe.processes import owner_alive, owner_token
+from cnnpipe.redact import mask_secrets
+from cnnpipe.tracking.uri import artifact_location, resolve_tracking_uri
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 BATCH = 100  # MLflow's limit on params per log_batch call
+OWNER_TAG = "cnnpipe.owner"  # `host:pid:start` of the process the run is RUNNING in (cnnpipe.processes)
+END_REASON_TAG = "cnnpipe.end_reason"  # why a run was closed by someone other than its own process
+OPEN = ("RUNNING", "SCHEDULED")
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_uri: str) -> str:
@@ -91,10 +97,15 @@ def tracked_run(
     if parent_run_id:
         tags = {**tags, "mlflow.parentRunId": parent_run_id}
     run_id = _existing_run(client, reopen_run_id, exp_id)
+    _close_orphans(client, exp_id, tags.get("cnnpipe.stage", "mlflow"), keep=run_id)
+    owner = owner_token()
     if run_id:
+        client.set_tag(run_id, OWNER_TAG, owner)  # before RUNNING: nobody takes the reopened run for an orphan
+        if END_REASON_TAG in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, END_REASON_TAG)
         client.update_run(run_id, status="RUNNING")
     else:
-        run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        run_id = client.create_run(exp_id, run_name=run_name, tags={**tags, OWNER_TAG: owner}).info.run_id
     status = RunStatus.to_string(RunStatus.FAILED)
     try:
         with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
@@ -105,6 +116,54 @@ def tracked_run(
         raise
     finally:
         client.set_terminated(run_id, status=status)
+
+
+def close_run(client: MlflowClient, run_id: str, reason: str, status: str = "KILLED", owner: str | None = None) -> bool:
+    """End `run_id` with `status` and a `cnnpipe.end_reason` tag if it is still RUNNING (or SCHEDULED), wherever
+    its process lives; True if this call closed it (False: already ended, deleted, not found, or, with `owner`,
+    owned by another process now: a resume took it over)."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return False
+    if run.info.status not in OPEN or (owner is not None and run.data.tags.get(OWNER_TAG) != owner):
+        return False
+    client.set_tag(run_id, END_REASON_TAG, reason)
+    client.set_terminated(run_id, status=status)
+    return True
+
+
+def close_orphaned_runs(
+    client: MlflowClient, experiment_id: str, stage: str | None = None, keep: str | None = None
+) -> list[str]:
+    """Close as KILLED (tagged `cnnpipe.end_reason`) the experiment's RUNNING runs, of `stage` if given, whose
+    owner process (`cnnpipe.owner`) lived on this host and is dead; returns their ids. `keep`: a run not to touch."""
+    filters = ["attributes.status = 'RUNNING'"] + ([f"tags.`cnnpipe.stage` = '{stage}'"] if stage else [])
+    closed: list[str] = []
+    page_token = None
+    while True:
+        page = client.search_runs([experiment_id], " AND ".join(filters), max_results=1000, page_token=page_token)
+        for run in page:
+            token = run.data.tags.get(OWNER_TAG)
+            if run.info.run_id == keep or not token or owner_alive(token) is not False:
+                continue  # no owner recorded (older runs), alive, or on another host: cannot tell, left alone
+            reason = f"owner process {token} died (found by a later run)"
+            if close_run(client, run.info.run_id, reason, owner=token):  # re-read: a resume may have taken it
+                closed.append(run.info.run_id)
+        page_token = page.token
+        if not page_token:
+            return closed
+
+
+def _close_orphans(client: MlflowClient, experiment_id: str, stage: str, keep: str | None) -> None:
+    """Every new run first closes the runs of its experiment left RUNNING by a process that died (SIGKILL, the
+    OOM killer, power loss); one warning line each. A store error here never stops the stage."""
+    try:
+        closed = close_orphaned_runs(client, experiment_id, keep=keep)
+    except MlflowException:
+        return
+    for run_id in closed:
+        warn(stage, f"MLflow run {run_id} was left RUNNING by a process that died; marked KILLED")
 
 
 def _existing_run(client: MlflowClient, run_id: str | None, experiment_id: str) -> str | None:

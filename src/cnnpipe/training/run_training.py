@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,26 +13,31 @@ import yaml
 
 from cnnpipe.atomic import write_json_atomic, write_text_atomic
 from cnnpipe.config import Config, as_dict, flatten, with_values
-from cnnpipe.console import info
+from cnnpipe.console import info, warn
 from cnnpipe.data.store import load_meta, load_split
 from cnnpipe.errors import DataError
 from cnnpipe.evaluation.plots import plot_curves
-from cnnpipe.models.store import save_model
+from cnnpipe.models.store import RUN_FILE, SPEC, SPEC_SHA, WEIGHTS, WEIGHTS_SHA, file_sha256, publish_model, save_model
+from cnnpipe.redact import mask_secrets
 from cnnpipe.tracking.model_logging import log_image_model
-from cnnpipe.tracking.runs import tracked_run
+from cnnpipe.tracking.runs import close_run, connect, tracked_run
 from cnnpipe.tracking.tags import run_tags
-from cnnpipe.tracking.uri import mask_secrets
 from cnnpipe.training.distributed import launch_rank
 from cnnpipe.training.fit import fit
 from cnnpipe.training.resume import (
+    Damaged,
     HistoryFile,
+    discard_stale_checkpoints,
     find_resumable,
     finish_checkpoints,
+    outputs_dir,
     start_checkpoints,
     weights_dir,
 )
 
 HISTORY_COLUMNS = ("epoch", "train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro", "lr")
+# What the train stage publishes to models/, as one unit (run.json last, naming the run and the weights' sha256).
+OUTPUTS = [WEIGHTS, SPEC, "history.csv", "curves.png", "config.yaml", RUN_FILE]
 
 
 def experiment_name(cfg: Config) -> str:
@@ -85,7 +91,7 @@ def run_training(cfg: Config, root: Path) -> dict[str, Any]:
     prepared, augmented = root / cfg.paths.prepared, root / cfg.paths.augmented
     meta = load_meta(prepared)
     train_file, val_file = augmented / "train.npz", prepared / "val.npz"
-    train, val = load_split(train_file, mmap=True), load_split(val_file, mmap=True)
+    train, val = load_split(train_file, mmap=True, meta=meta), load_split(val_file, mmap=True, meta=meta)
     out = root / cfg.paths.models
     tags = {**run_tags(root, "train", cfg.data.name, file_digest(train_file, val_file)), **hparam_tags}
     info(
@@ -93,8 +99,13 @@ def run_training(cfg: Config, root: Path) -> dict[str, Any]:
         f"{len(train.labels)} train / {len(val.labels)} val images, model {cfg.model.name}, {cfg.train.epochs} epochs",
     )
     ckpt_root = root / cfg.paths.checkpoints
-    resumable = find_resumable(cfg, ckpt_root)
     rank = launch_rank(cfg.trainer.devices)
+    damaged: list[Damaged] = []
+    if rank == 0:
+        discard_stale_checkpoints(ckpt_root)  # folders of runs killed before their first checkpoint
+    resumable = find_resumable(cfg, ckpt_root, claim=rank == 0, damaged=damaged)
+    if damaged:
+        _close_damaged_runs(cfg, root, damaged, resumable.run_id if resumable else None)
     if rank != 0:
         # DDP worker: same training, no MLflow run, no outputs (rank 0's checkpoint folder is broadcast).
         fit(
@@ -132,6 +143,7 @@ def run_training(cfg: Config, root: Path) -> dict[str, Any]:
             "data.num_classes": meta["num_classes"],
         }
         run.log_params(counts, only_new=bool(resumable))
+        started = time.time()
         folder = start_checkpoints(cfg, ckpt_root, run.run_id)
         history = HistoryFile(folder, resumable.history if resumable else [])
         result = fit(
@@ -146,16 +158,21 @@ def run_training(cfg: Config, root: Path) -> dict[str, Any]:
             root=root,
         )
 
-        save_model(out, result.net, result.spec)
-        write_text_atomic(out / "history.csv", history_csv(history.rows))
-        plot_curves(history.rows, out / "curves.png")
-        write_text_atomic(out / "config.yaml", yaml.safe_dump(as_dict(cfg), sort_keys=False))
+        # Everything goes to this run's own folder first: MLflow gets exactly these files, and models/ gets them
+        # as one unit (a second training at the same time can never pair its run id with our weights).
+        staged = outputs_dir(folder)
+        save_model(staged, result.net, result.spec)
+        write_text_atomic(staged / "history.csv", history_csv(history.rows))
+        plot_curves(history.rows, staged / "curves.png")
+        write_text_atomic(staged / "config.yaml", mask_secrets(yaml.safe_dump(as_dict(cfg), sort_keys=False)))
+        weights_sha = file_sha256(staged / WEIGHTS)
+        run.set_tags({"cnnpipe.weights_sha256": weights_sha})
         for name in ("curves.png", "history.csv", "config.yaml", "model.json"):
-            run.log_artifact(out / name)
+            run.log_artifact(staged / name)
         if result.best_score is not None:
             run.log_metrics({f"best/{cfg.train.monitor}": result.best_score}, step=result.best_epoch or 0)
         if cfg.tracking.log_model:
-            log_image_model(out, train.images[:2])  # pyfunc over the saved safetensors + spec; raw uint8 in
+            log_image_model(staged, train.images[:2])  # pyfunc over the saved safetensors + spec; raw uint8 in
         summary = {
             "run_id": run.run_id,
             "experiment": experiment_name(cfg),
@@ -163,8 +180,36 @@ def run_training(cfg: Config, root: Path) -> dict[str, Any]:
             "best_epoch": result.best_epoch,
             "best_score": result.best_score,
             "monitor": cfg.train.monitor,
+            WEIGHTS_SHA: weights_sha,
+            SPEC_SHA: file_sha256(staged / SPEC),
         }
-        write_json_atomic(out / "run.json", summary)
+        write_json_atomic(staged / RUN_FILE, summary)
+        previous, published_at = publish_model(staged, out, OUTPUTS)
+        _say_published(out, run.run_id, previous, published_at, started)
         finish_checkpoints(folder)
     info("train", f"best {cfg.train.monitor} {result.best_score} at epoch {(result.best_epoch or 0) + 1}")
     return summary
+
+
+def _say_published(
+    out: Path, run_id: str, previous: dict[str, Any] | None, published_at: float | None, started: float
+) -> None:
+    """Two trainings that finish at about the same time: the last one to publish holds models/ (each one's
+    MLflow run is complete and holds its own model either way); say so when it happened."""
+    other = previous.get("run_id") if previous else None
+    if other and other != run_id and published_at is not None and published_at >= started:
+        warn(
+            "train",
+            f"run {other}, trained at the same time, was published to {out} while this run trained; "
+            f"{out} now holds this run {run_id} (the last to finish wins; both runs are complete in MLflow)",
+        )
+    else:
+        info("train", f"{out}: the model of run {run_id}")
+
+
+def _close_damaged_runs(cfg: Config, root: Path, damaged: list[Damaged], resumed: str | None) -> None:
+    """The MLflow run of a damaged checkpoint that is not resumed, if still RUNNING (its process died writing it)."""
+    client, _ = connect(cfg.tracking.uri, root)
+    for d in damaged:
+        if d.run_id != resumed:
+            close_run(client, d.run_id, f"its checkpoint {d.checkpoint} is damaged (set aside as {d.set_aside.name})")
