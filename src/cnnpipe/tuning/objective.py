@@ -16,9 +16,9 @@ from cnnpipe.tracking.runs import tracked_run
 from cnnpipe.tracking.tags import run_tags
 from cnnpipe.training.fit import fit
 from cnnpipe.tuning.space import suggest
-from cnnpipe.tuning.storage import WORKER_ATTR, this_worker
+from cnnpipe.tuning.storage import RUN_ID_ATTR, WORKER_ATTR, this_worker
 
-RUN_ID_ATTR = "cnnpipe.mlflow_run_id"
+__all__ = ["RUN_ID_ATTR", "TrialFailed", "TrialObjective", "best_value"]
 
 
 class TrialFailed(Exception):

@@ -7,27 +7,39 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from optuna.trial import TrialState
 
 from cnnpipe.atomic import atomic_dir, write_text_atomic
 from cnnpipe.config import Config, as_dict, flatten
 from cnnpipe.console import info, warn
 from cnnpipe.data.store import load_meta
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.redact import mask_secrets
 from cnnpipe.tracking.runs import RunLogger, tracked_run
 from cnnpipe.tracking.tags import run_tags
-from cnnpipe.tracking.uri import mask_secrets
+from cnnpipe.tracking.uri import resolve_tracking_uri
 from cnnpipe.training.run_training import experiment_name
 from cnnpipe.tuning.report import counts, trial_rows, trials_csv, write_plots
-from cnnpipe.tuning.storage import describe_storage, recover_dead_trials
+from cnnpipe.tuning.storage import (
+    TrialRecovery,
+    close_trial_run,
+    describe_storage,
+    recover_dead_trials,
+    study_is_done,
+    worker_pid,
+)
 from cnnpipe.tuning.study import load_study, study_name
 from cnnpipe.tuning.worker import run_worker
 
 PARENT_ATTR = "cnnpipe.mlflow_parent_run_id"
 BEST_FILE = "best_params.yaml"
+POLL_S = 0.5  # how often the stage looks at its worker processes
 
 
 def worker_env(index: int, threads: int, gpus: int) -> dict[str, str]:
@@ -41,8 +53,29 @@ def worker_env(index: int, threads: int, gpus: int) -> dict[str, str]:
     return env
 
 
-def _spawn_workers(cfg: Config, root: Path, parent_run_id: str) -> None:
-    """`sweep.workers` local processes on the one study, CPU threads (and GPUs) shared out between them."""
+@dataclass
+class WorkerExit:
+    index: int
+    pid: int
+    code: int  # Popen.returncode: negative = killed by that signal
+
+    @property
+    def signal_name(self) -> str | None:
+        if self.code >= 0:
+            return None
+        try:
+            return signal.Signals(-self.code).name
+        except ValueError:
+            return f"signal {-self.code}"
+
+
+def _spawn_workers(
+    cfg: Config, root: Path, parent_run_id: str, study: Any, recovery: TrialRecovery
+) -> list[WorkerExit]:
+    """`sweep.workers` local processes on the one study, CPU threads (and GPUs) shared out between them.
+
+    The workers are reaped as soon as they end (polled, not waited for in order): a killed worker must not
+    linger as a zombie, and its trial is failed and re-queued at once (the other workers then run it)."""
     import torch
 
     threads = max(1, (os.cpu_count() or 1) // cfg.sweep.workers)
@@ -71,17 +104,103 @@ def _spawn_workers(cfg: Config, root: Path, parent_run_id: str) -> None:
             )
             for i in range(cfg.sweep.workers)
         ]
+        exits: dict[int, WorkerExit] = {}
         try:
-            codes = [p.wait() for p in procs]
+            while len(exits) < len(procs):
+                for i, p in enumerate(procs):
+                    if i not in exits and p.poll() is not None:
+                        exits[i] = WorkerExit(i, p.pid, p.returncode)
+                        if p.returncode < 0:
+                            recover_dead_trials(study, recovery)
+                time.sleep(POLL_S)
         except KeyboardInterrupt:
             for p in procs:
                 if p.poll() is None:
                     p.send_signal(signal.SIGINT)  # each worker fails and re-queues its running trial
             for p in procs:
                 p.wait()
+            recover_dead_trials(study, recovery)
             raise
-    if any(codes):
+    return [exits[i] for i in range(len(procs))]
+
+
+def _run_workers(
+    cfg: Config, root: Path, parent_run_id: str, study: Any, recovery: TrialRecovery, deadline: float | None
+) -> None:
+    """Workers were killed (SIGKILL, the OOM killer...): their trials are failed and re-queued; what the
+    surviving workers did not run (they may have ended before the kill, their budget full with the dead
+    worker's RUNNING trial counted), this process runs. All workers dead, or another exit code: one line."""
+    exits = _spawn_workers(cfg, root, parent_run_id, study, recovery)
+    recover_dead_trials(study, recovery)
+    killed = [e for e in exits if e.signal_name]
+    failed = [e for e in exits if e.code > 0]
+    if failed:
+        codes = [e.code for e in exits]
         raise CnnpipeError(f"sweep worker(s) exited with codes {codes}; the study can be resumed by re-running")
+    if killed and len(killed) == len(exits):
+        how = ", ".join(f"worker {e.index} by {e.signal_name}" for e in killed)
+        raise CnnpipeError(f"all {len(exits)} sweep workers died ({how}); the study can be resumed by re-running")
+    timed_out = deadline is not None and time.monotonic() >= deadline
+    if killed and not timed_out and not study_is_done(study, cfg.sweep.n_trials):
+        run_worker(cfg, root, parent_run_id, label="sweep", deadline=deadline)
+    if not killed:
+        return
+    stuck = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if worker_pid(t)]
+    if stuck or (not timed_out and not study_is_done(study, cfg.sweep.n_trials)):
+        how = ", ".join(f"worker {e.index} by {e.signal_name}" for e in killed)
+        raise CnnpipeError(
+            f"the study could not be finished after {how} ({counts(study)}, still running here: {stuck}); "
+            "the study can be resumed by re-running"
+        )
+    for e in killed:
+        warn("sweep", _dead_worker_line(study, e))
+
+
+def _dead_worker_line(study: Any, dead: WorkerExit) -> str:
+    """`worker N died by signal SIGKILL and its trial T was re-run (as trial R)`, or what happened instead."""
+    trials = study.get_trials(deepcopy=False)
+    own = [t for t in trials if worker_pid(t) == dead.pid and t.state == TrialState.FAIL]
+    head = f"worker {dead.index} died by signal {dead.signal_name}"
+    if not own:
+        return f"{head} between trials; the other workers finished the study"
+    parts = []
+    for t in own:
+        retries = [r for r in trials if r.system_attrs.get("failed_trial") == t.number]
+        done = [r for r in retries if r.state.is_finished()]
+        parts.append(
+            f"its trial {t.number} was re-run (as trial {done[0].number})"
+            if done
+            else f"its trial {t.number} was not re-run"
+        )
+    return f"{head} and {'; '.join(parts)}"
+
+
+def close_orphaned_trial_runs(study: Any, tracking_uri: str, parent_run_id: str) -> int:
+    """Close the RUNNING child runs of the sweep's parent run whose Optuna trial has finished: their worker
+    died before it could end them (with the trial's recovery, or before the trial recorded its run id).
+    A live worker ends its run before Optuna records the trial's state, so this never closes a run in use.
+    Returns how many it closed."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs(
+        [experiment],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+    )
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    closed = 0
+    for r in runs:
+        number = r.data.tags.get("cnnpipe.trial_number", "")
+        state = states.get(int(number)) if number.isdigit() else None
+        if state is None or not state.is_finished():
+            continue
+        reason = (
+            f"optuna trial {number} is {state.name} in study {study.study_name} but its run was left RUNNING "
+            "(its worker died)"
+        )
+        closed += close_trial_run(tracking_uri, r.info.run_id, reason)
+    return closed
 
 
 def _log_parent(run: RunLogger, cfg: Config, best: dict[str, Any], out: Path) -> None:
@@ -101,7 +220,9 @@ def run_sweep(cfg: Config, root: Path) -> dict[str, Any]:
     if cfg.sweep.workers > 1 and storage.startswith("sqlite"):
         warn("sweep", "SQLite storage is not safe for concurrent workers; use the journal default or PostgreSQL")
     study = load_study(cfg, root, create=True)
-    recovered = recover_dead_trials(study)
+    started = time.monotonic()
+    recovery = TrialRecovery(cfg.tracking.uri, root)
+    recovered = recover_dead_trials(study, recovery)
     if recovered:
         info("sweep", f"re-queued {recovered} trial(s) left running by a worker that died")
     experiment = experiment_name(cfg)
@@ -123,7 +244,11 @@ def run_sweep(cfg: Config, root: Path) -> dict[str, Any]:
         if cfg.sweep.workers == 1:
             run_worker(cfg, root, run.run_id)
         else:
-            _spawn_workers(cfg, root, run.run_id)
+            deadline = started + cfg.sweep.timeout if cfg.sweep.timeout else None
+            _run_workers(cfg, root, run.run_id, study, recovery, deadline)
+        closed = close_orphaned_trial_runs(study, resolve_tracking_uri(cfg.tracking.uri, root), run.run_id)
+        if closed:
+            info("sweep", f"closed {closed} MLflow trial run(s) left RUNNING by a worker that died")
         best = _best(study, cfg, name, storage, run.run_id)
         out = root / cfg.paths.sweep
         with atomic_dir(out) as tmp:

@@ -31,3 +31,16 @@ def epoch_range(space: dict[str, ParamSpace], default_epochs: int) -> tuple[int,
                 return int(min(p.choices or [default_epochs])), int(max(p.choices or [default_epochs]))
             return int(p.low), int(p.high)  # type: ignore[arg-type]
     return default_epochs, default_epochs
+
+
+def distributions(space: dict[str, ParamSpace]) -> dict[str, optuna.distributions.BaseDistribution]:
+    """Config key -> the Optuna distribution `suggest` draws it from (for samplers that see the whole space)."""
+    out: dict[str, optuna.distributions.BaseDistribution] = {}
+    for p in space.values():
+        if p.type == "categorical":
+            out[p.key] = optuna.distributions.CategoricalDistribution(list(p.choices or []))
+        elif p.type == "int":
+            out[p.key] = optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))  # type: ignore[arg-type]
+        else:
+            out[p.key] = optuna.distributions.FloatDistribution(float(p.low), float(p.high), log=p.log, step=p.step)  # type: ignore[arg-type]
+    return out

@@ -1,9 +1,12 @@
 """Optuna storage: a journal file on one machine (default), an RDB URL (PostgreSQL) for many.
 
-Dead workers: RDB storage uses Optuna's heartbeat, and a stale trial is failed and re-queued with the
-same params. The journal has no heartbeat, so each trial records `host:pid`; a starting worker fails and
-re-queues RUNNING trials of this host whose process is gone. Either way no trial stays RUNNING forever,
-and its params are tried again, so a killed sweep loses nothing.
+Dead workers: each trial records its worker as `host:pid:start` (`cnnpipe.processes.owner_token`). A RUNNING
+trial whose worker on this host is gone (exited, killed, or a zombie its parent has not reaped yet) is failed
+and re-queued with the same params by the next worker or stage on this host, whatever the storage. RDB storage
+also has Optuna's heartbeat, which does the same for workers on other hosts once their heartbeat is
+`GRACE_S` seconds old (`CNNPIPE_HEARTBEAT_GRACE_S` overrides it, e.g. for tests). Either way no trial stays
+RUNNING forever, its params are tried again, so a killed sweep loses nothing, and the trial's MLflow child run,
+which its dead worker could not end, is ended KILLED with a `cnnpipe.end_reason` tag saying why.
 """
 
 from __future__ import annotations
@@ -19,17 +22,77 @@ from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrial
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from cnnpipe.config import Config
-from cnnpipe.tracking.uri import store_root
+from cnnpipe.config import Config, store_root
+from cnnpipe.console import warn
+from cnnpipe.processes import owner_alive, owner_token
+from cnnpipe.tracking.uri import resolve_tracking_uri
 
 WORKER_ATTR = "cnnpipe.worker"
+RUN_ID_ATTR = "cnnpipe.mlflow_run_id"  # the trial's MLflow child run
 INTERRUPTED_ATTR = "cnnpipe.interrupted"
 HEARTBEAT_S = 10
 GRACE_S = 30
+GRACE_ENV = "CNNPIPE_HEARTBEAT_GRACE_S"
 
 
 def this_worker() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """`host:pid:start` of this process (older studies hold `host:pid`: `owner_alive` reads both)."""
+    return owner_token()
+
+
+def heartbeat_timing() -> tuple[int, int]:
+    """(heartbeat interval, grace period) in seconds: `GRACE_S`, or `$CNNPIPE_HEARTBEAT_GRACE_S` (a positive
+    integer; tests set a few seconds) with the interval shortened to fit."""
+    text = os.environ.get(GRACE_ENV, "").strip()
+    grace = int(text) if text.isdigit() and int(text) > 0 else GRACE_S
+    return min(HEARTBEAT_S, max(1, grace // 3)), grace
+
+
+def worker_pid(trial: FrozenTrial) -> int | None:
+    """The pid of the trial's worker when it ran on this host, else None."""
+    host, _, rest = str(trial.user_attrs.get(WORKER_ATTR, "")).partition(":")
+    pid = rest.partition(":")[0]
+    return int(pid) if host == socket.gethostname() and pid.isdigit() else None
+
+
+def close_trial_run(tracking_uri: str, run_id: str, reason: str) -> bool:
+    """End the MLflow run `run_id` as KILLED with tag `cnnpipe.end_reason`, if it is still RUNNING (a run that
+    ended on its own keeps its status). True when it closed the run. Never raises: closing is cleanup, and a
+    store that cannot be reached must not stop the trial's recovery. The one place the tuning package
+    closes runs (through `tracking.runs.close_run`)."""
+    from mlflow.tracking import MlflowClient
+
+    from cnnpipe.tracking.runs import close_run
+
+    try:
+        return close_run(MlflowClient(tracking_uri), run_id, reason)
+    except Exception as exc:  # any store error: say so and go on
+        warn("sweep", f"could not close MLflow run {run_id}: {type(exc).__name__}: {str(exc)[:200]}")
+        return False
+
+
+class TrialRecovery:
+    """What happens to a trial whose worker died: it is failed (by the caller, or by Optuna's heartbeat), its
+    params are queued again, and its MLflow child run is closed. A callable class, so that RDB storage can
+    call it as `heartbeat_stale_trial_callback(study, trial)` with the tracking store at hand."""
+
+    def __init__(self, tracking_uri: str | None, root: Path) -> None:
+        self.tracking_uri, self.root = tracking_uri, root
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Optuna's heartbeat failed `trial` (no heartbeat for the grace period)."""
+        owner = trial.user_attrs.get(WORKER_ATTR, "unknown")
+        self.after_failure(study, trial, f"its worker {owner} stopped sending heartbeats")
+
+    def after_failure(self, study: optuna.Study, trial: FrozenTrial, why: str) -> None:
+        requeue(study, trial)
+        self.close_run(trial, f"optuna trial {trial.number} failed and was re-queued: {why}")
+
+    def close_run(self, trial: FrozenTrial, reason: str) -> bool:
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if not run_id:
+            return False  # killed before its run started; run_sweep's pass over child runs catches the rest
+        return close_trial_run(resolve_tracking_uri(self.tracking_uri, self.root), str(run_id), reason)
 
 
 def journal_path(cfg: Config, root: Path) -> Path:
@@ -41,9 +104,9 @@ def describe_storage(cfg: Config, root: Path) -> str:
 
 
 def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Queue the failed trial's params again (marked as a retry of it), without its worker id."""
+    """Queue the failed trial's params again (marked as a retry of it), without its worker and run ids."""
     clean = copy.deepcopy(trial)
-    clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != WORKER_ATTR}
+    clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in (WORKER_ATTR, RUN_ID_ATTR)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         RetryHeartbeatStaleTrialCallback(max_retry=3)(study, clean)
@@ -52,13 +115,14 @@ def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
 def open_storage(cfg: Config, root: Path) -> optuna.storages.BaseStorage:
     url = cfg.sweep.storage
     if url:
+        interval, grace = heartbeat_timing()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(
                 url,
-                heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S,
-                failed_trial_callback=requeue,
+                heartbeat_interval=interval,
+                grace_period=grace,
+                heartbeat_stale_trial_callback=TrialRecovery(cfg.tracking.uri, root),
                 engine_kwargs={"pool_pre_ping": True},
             )
     path = journal_path(cfg, root)
@@ -66,33 +130,37 @@ def open_storage(cfg: Config, root: Path) -> optuna.storages.BaseStorage:
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def _process_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def recover_dead_trials(study: optuna.Study) -> int:
-    """Journal storage: fail and re-queue RUNNING trials whose worker process on this host is gone."""
+def recover_dead_trials(study: optuna.Study, recovery: TrialRecovery | None = None) -> int:
+    """Fail and re-queue RUNNING trials whose worker process on this host is gone (a zombie counts as gone),
+    closing their MLflow runs; RDB storage: also trials whose heartbeat went stale (workers on other hosts).
+    `recovery`: the storage's own heartbeat callback when it is a `TrialRecovery`, else the run is not closed.
+    Returns how many trials it recovered (another worker may get to a trial first: it is not counted)."""
     storage = study._storage
-    if isinstance(getattr(storage, "_backend", storage), RDBStorage):
-        return 0  # the heartbeat does this for RDB storage
-    host = socket.gethostname()
+    backend = getattr(storage, "_backend", storage)
+    if recovery is None and isinstance(backend, RDBStorage):
+        callback = backend.get_heartbeat_stale_trial_callback()
+        recovery = callback if isinstance(callback, TrialRecovery) else None
     recovered = 0
+    if isinstance(backend, RDBStorage):
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # the heartbeat callback re-queues and closes
+        retried = {t.system_attrs.get("failed_trial") for t in study.get_trials(deepcopy=False)}
+        recovered += len(before & retried)  # (a trial that merely failed meanwhile is not re-queued)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = str(trial.user_attrs.get(WORKER_ATTR, ""))
-        owner_host, _, pid = owner.rpartition(":")
-        if owner_host != host or not pid.isdigit() or not _process_gone(int(pid)):
-            continue
+        if not owner or owner_alive(owner) is not False:
+            continue  # alive, on another host (the heartbeat's job), or not yet claimed by its worker
         try:
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL) is False:
+                continue
         except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
             continue  # another worker got there first
-        requeue(study, trial)
+        if recovery is None:
+            requeue(study, trial)
+        else:
+            recovery.after_failure(study, trial, f"its worker {owner} is no longer running")
         recovered += 1
     return recovered
 

@@ -20,7 +20,7 @@ from cnnpipe.console import info
 from cnnpipe.data.store import load_meta, load_split
 from cnnpipe.training.run_training import experiment_name, file_digest
 from cnnpipe.tuning.objective import TrialObjective
-from cnnpipe.tuning.storage import recover_dead_trials, requeue, study_is_done
+from cnnpipe.tuning.storage import TrialRecovery, recover_dead_trials, requeue, study_is_done
 from cnnpipe.tuning.study import load_study, study_name
 
 
@@ -36,18 +36,29 @@ def progress_line(study: optuna.Study, n_trials: int) -> str:
     return f"trial {done} of {n_trials}{best}  pruned {counts[TrialState.PRUNED]}  failed {counts[TrialState.FAIL]}"
 
 
-def run_worker(cfg: Config, root: Path, parent_run_id: str | None, index: int = 0, label: str = "sweep") -> None:
+def run_worker(
+    cfg: Config,
+    root: Path,
+    parent_run_id: str | None,
+    index: int = 0,
+    label: str = "sweep",
+    deadline: float | None = None,
+) -> None:
+    """`deadline` (time.monotonic()) overrides `sweep.timeout` counted from now: the stage finishing a study
+    after a worker died keeps to the timeout of the whole invocation."""
     study = load_study(cfg, root, worker_index=index)
+    recovery = TrialRecovery(cfg.tracking.uri, root)
     prepared, augmented = root / cfg.paths.prepared, root / cfg.paths.augmented
     meta = load_meta(prepared)
-    train, val = load_split(augmented / "train.npz", mmap=True), load_split(prepared / "val.npz", mmap=True)
+    train, val = load_split(augmented / "train.npz", mmap=True, meta=meta), load_split(prepared / "val.npz", mmap=True)
     digest = file_digest(augmented / "train.npz", prepared / "val.npz")
     experiment = experiment_name(cfg)
     objective = TrialObjective(cfg, root, meta, train, val, experiment, study_name(cfg), parent_run_id, digest)
-    deadline = time.monotonic() + cfg.sweep.timeout if cfg.sweep.timeout else None
+    if deadline is None and cfg.sweep.timeout:
+        deadline = time.monotonic() + cfg.sweep.timeout
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     while True:
-        recover_dead_trials(study)
+        recover_dead_trials(study, recovery)
         if study_is_done(study, cfg.sweep.n_trials):
             break
         if deadline is not None and time.monotonic() >= deadline:
