@@ -139,6 +139,7 @@ def test_recover_dead_trials_fails_a_zombie_workers_trial_requeues_it_and_closes
 
 
 @needs_postgres
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")  # study.ask
 def test_postgresql_heartbeat_recovery_requeues_and_closes_the_run(
     tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
