@@ -65,7 +65,8 @@ def _save_plot(draw: Any, study: optuna.Study, path: Path, title: str) -> None:
     """Optuna's matplotlib plot, or a figure saying why there is none yet (too few trials)."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # optuna.visualization.matplotlib is marked experimental
+            # optuna.visualization.matplotlib is marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             ax = draw(study)
         fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
     except (ValueError, RuntimeError, ZeroDivisionError) as exc:

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from optuna.trial import TrialState
 
-from cnnpipe.atomic import atomic_dir, write_text_atomic
+from cnnpipe.atomic import atomic_dir, check_replaceable, write_text_atomic
 from cnnpipe.config import Config, as_dict, flatten
 from cnnpipe.console import info, warn
 from cnnpipe.data.store import load_meta
@@ -39,6 +39,7 @@ from cnnpipe.tuning.worker import run_worker
 
 PARENT_ATTR = "cnnpipe.mlflow_parent_run_id"
 BEST_FILE = "best_params.yaml"
+OUTPUT_NAMES = ("trials.csv", BEST_FILE, "history.png", "importances.png", "parallel.png")  # all it writes
 POLL_S = 0.5  # how often the stage looks at its worker processes
 
 
@@ -209,12 +210,13 @@ def _log_parent(run: RunLogger, cfg: Config, best: dict[str, Any], out: Path) ->
         run.set_tags({f"cnnpipe.best.{k}": str(v) for k, v in best["params"].items()})  # tags: change on resume
     run.log_metrics({f"trials/{k}": v for k, v in best["trials"].items()}, step=0)
     run.set_tags({"cnnpipe.best_trial": str(best["best_trial"])})
-    for name in (BEST_FILE, "trials.csv", "history.png", "importances.png", "parallel.png"):
+    for name in OUTPUT_NAMES:
         run.log_artifact(out / name)
 
 
 def run_sweep(cfg: Config, root: Path) -> dict[str, Any]:
     load_meta(root / cfg.paths.prepared)  # fail early, naming the file, when prepare has not run
+    check_replaceable(root / cfg.paths.sweep, OUTPUT_NAMES)  # a folder of someone else's: refused before any trial
     name = study_name(cfg)
     storage = describe_storage(cfg, root)
     if cfg.sweep.workers > 1 and storage.startswith("sqlite"):
@@ -251,7 +253,7 @@ def run_sweep(cfg: Config, root: Path) -> dict[str, Any]:
             info("sweep", f"closed {closed} MLflow trial run(s) left RUNNING by a worker that died")
         best = _best(study, cfg, name, storage, run.run_id)
         out = root / cfg.paths.sweep
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, OUTPUT_NAMES) as tmp:
             write_text_atomic(tmp / "trials.csv", trials_csv(trial_rows(study)))
             write_text_atomic(tmp / BEST_FILE, yaml.safe_dump(best, sort_keys=False))
             write_plots(study, tmp)
