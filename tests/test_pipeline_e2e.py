@@ -178,6 +178,11 @@ def test_dvc_exp_run_composes_hydra_overrides(repro_project: Path) -> None:
     client = MlflowClient(f"sqlite:///{repro_project / 'mlflow.db'}")
     latest = runs_by_stage(client, "train")[0]
     assert latest.data.params["model.name"] == "cnn_bn"
+    # optim.lr, set with -S, is pinned: the sweep searched the other keys and train used 0.002 (#15: what you set
+    # is what runs), and the train run says so.
+    assert latest.data.params["optim.lr"] == "0.002"
+    best = yaml.safe_load((repro_project / "sweep" / "best_params.yaml").read_text())
+    assert "optim.lr" not in best["params"] and best["params"]
 
 
 def test_prepare_messy_image_folder_reports_skipped(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ PRUNERS = ("median", "hyperband", "none")
 PARAM_TYPES = ("float", "int", "categorical")
 PRECISIONS = ("auto", "32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+_ABSENT = object()  # a key a mapping does not have (None is a value)
 OUTPUT_PATHS = ("prepared", "augmented", "models", "eval", "checkpoints", "sweep", "optuna")
 SOURCE_FOLDERS = (".git", ".dvc", "src", "conf", "pipelines", "tests")  # no output path may lie in these
 
@@ -226,10 +227,8 @@ def compose(overrides: list[str] | None = None, conf_dir: Path | None = None) ->
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-def load_config(overrides: list[str] | None = None, root: Path | None = None, params: Path | None = None) -> Config:
-    """params.yaml of the project at `root`, with Hydra-syntax overrides applied, validated."""
-    root = root or find_project_root()
-    params = params or root / "params.yaml"
+def read_params(params: Path) -> dict[str, Any]:
+    """params.yaml as a mapping; an unreadable, invalid, empty or non-mapping file is one line naming it."""
     try:
         raw = yaml.safe_load(params.read_text())
     except OSError as exc:
@@ -243,8 +242,57 @@ def load_config(overrides: list[str] | None = None, root: Path | None = None, pa
         raise ConfigError(f"{params}: is empty; expected a mapping of config keys (re-compose it: make params)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{params}: expected a mapping of config keys, got a {type(raw).__name__}")
-    merged = apply_overrides(raw, overrides or [], root / "conf")
+    return raw
+
+
+def load_config(overrides: list[str] | None = None, root: Path | None = None, params: Path | None = None) -> Config:
+    """params.yaml of the project at `root`, with Hydra-syntax overrides applied, validated."""
+    root = root or find_project_root()
+    params = params or root / "params.yaml"
+    merged = apply_overrides(read_params(params), overrides or [], root / "conf")
     return to_config(merged, source=str(params), root=root)
+
+
+def explicit_keys(overrides: list[str], root: Path, params: Path | None = None) -> frozenset[str]:
+    """The keys the user set, as opposed to the values conf/ gives: each `key=value` on the stage's command line,
+    and each value in params.yaml that differs from conf/ composed with the same group choices (`dvc exp run -S
+    optim.lr=0.01` writes it there). A group choice (`-S optim=sgd`) sets no key by itself: its values are conf/'s.
+    The group choices are not in params.yaml; each group's is the option its values match best (ties: the
+    default in conf/config.yaml)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    conf_dir = root / "conf"
+    raw = read_params(params or root / "params.yaml")
+    defaults = {
+        group: option
+        for entry in (yaml.safe_load((conf_dir / "config.yaml").read_text()) or {}).get("defaults", [])
+        if isinstance(entry, dict)
+        for group, option in entry.items()
+    }
+    choices = [f"{group}={_closest_option(conf_dir, group, raw.get(group), defaults.get(group))}" for group in defaults]
+    baseline = flatten(compose(choices, conf_dir=conf_dir))
+    keys = {key for key, value in flatten(raw).items() if key not in baseline or baseline[key] != value}
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides=list(overrides))
+    except HydraException as exc:
+        raise ConfigError(f"bad override: {_first_line(str(exc))}") from None
+    for ov in parsed:
+        key = ov.key_or_group
+        if not ("." not in key and (conf_dir / key).is_dir()) and not ov.is_delete():
+            keys.add(key)
+    return frozenset(keys)
+
+
+def _closest_option(conf_dir: Path, group: str, values: Any, default: str | None) -> str:
+    """The option of `conf/<group>/` whose values agree with `values` on the most keys (ties: `default`)."""
+    given = flatten(values) if isinstance(values, dict) else {}
+
+    def agreement(option: str) -> tuple[int, bool]:
+        option_values = flatten(_group_option(conf_dir, group, option))
+        return sum(given.get(k, _ABSENT) == v for k, v in option_values.items()), option == default
+
+    return max(sorted(p.stem for p in (conf_dir / group).glob("*.yaml")), key=agreement)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], conf_dir: Path) -> dict[str, Any]:

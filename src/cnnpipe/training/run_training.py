@@ -62,9 +62,10 @@ def history_csv(rows: list[dict[str, float]]) -> str:
     return buf.getvalue()
 
 
-def apply_hparams(cfg: Config, root: Path) -> tuple[Config, dict[str, str]]:
+def apply_hparams(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()) -> tuple[Config, dict[str, str]]:
     """`train.hparams=sweep`: the sweep's best values over params.yaml, and tags linking the run to the
-    sweep's parent run and best trial. `train.hparams=params`: params.yaml as it stands."""
+    sweep's parent run and best trial; a key the user set (`explicit`: on the command line, or in params.yaml
+    apart from conf/) keeps the user's value, and the run says so. `train.hparams=params`: params.yaml as is."""
     if cfg.train.hparams != "sweep":
         return cfg, {"cnnpipe.hparams": "params"}
     path = root / cfg.paths.sweep / "best_params.yaml"
@@ -74,7 +75,9 @@ def apply_hparams(cfg: Config, root: Path) -> tuple[Config, dict[str, str]]:
         raise DataError(f"{path}: missing; run `dvc repro sweep` first, or set train.hparams=params") from None
     if not isinstance(best, dict) or not isinstance(best.get("params"), dict):
         raise DataError(f"{path}: not a cnnpipe sweep result (no `params` mapping)")
-    tuned = with_values(cfg, best["params"], source=str(path))
+    swept = {k: v for k, v in best["params"].items() if k not in explicit}
+    kept = {k: v for k, v in best["params"].items() if k in explicit}
+    tuned = with_values(cfg, swept, source=str(path))
     tags = {
         "cnnpipe.hparams": "sweep",
         "cnnpipe.sweep_study": str(best.get("study")),
@@ -82,12 +85,24 @@ def apply_hparams(cfg: Config, root: Path) -> tuple[Config, dict[str, str]]:
         "cnnpipe.sweep_best_trial": str(best.get("best_trial")),
         "cnnpipe.sweep_best_trial_run_id": str(best.get("mlflow_trial_run_id")),
     }
-    info("train", f"hyperparameters from the sweep (trial {best.get('best_trial')}): {best['params']}")
+    shown = ", ".join(f"{k}={_short(v)}" for k, v in swept.items()) or "none"
+    info("train", f"hyperparameters from the sweep (trial {best.get('best_trial')}): {shown}")
+    if kept:
+        tags["cnnpipe.hparams_set_by_user"] = ", ".join(sorted(kept))
+        mine = ", ".join(f"{k}={_short(flatten(as_dict(cfg))[k])} (sweep's best {_short(v)})" for k, v in kept.items())
+        info("train", f"set by you, so used instead of the sweep's: {mine}")
     return tuned, tags
 
 
-def run_training(cfg: Config, root: Path) -> dict[str, Any]:
-    cfg, hparam_tags = apply_hparams(cfg, root)
+def _short(value: Any) -> str:
+    """A value as printed: floats to 4 significant digits (not 1.0000001192092896)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def run_training(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The train stage. `explicit`: the keys the user set (config.explicit_keys), which the sweep's values
+    do not replace."""
+    cfg, hparam_tags = apply_hparams(cfg, root, explicit)
     prepared, augmented = root / cfg.paths.prepared, root / cfg.paths.augmented
     meta = load_meta(prepared)
     train_file, val_file = augmented / "train.npz", prepared / "val.npz"
@@ -187,7 +202,7 @@ def run_training(cfg: Config, root: Path) -> dict[str, Any]:
         previous, published_at = publish_model(staged, out, OUTPUTS)
         _say_published(out, run.run_id, previous, published_at, started)
         finish_checkpoints(folder)
-    info("train", f"best {cfg.train.monitor} {result.best_score} at epoch {(result.best_epoch or 0) + 1}")
+    info("train", f"best {cfg.train.monitor} {_short(result.best_score)} at epoch {(result.best_epoch or 0) + 1}")
     return summary
 
 

@@ -2,29 +2,31 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from cnnpipe.atomic import atomic_dir, check_replaceable, write_text_atomic
 from cnnpipe.config import Config, as_dict, flatten
 from cnnpipe.console import info, warn
 from cnnpipe.data.store import load_meta
-from cnnpipe.errors import CnnpipeError
+from cnnpipe.errors import CnnpipeError, ConfigError
 from cnnpipe.redact import mask_secrets
 from cnnpipe.tracking.runs import RunLogger, tracked_run
 from cnnpipe.tracking.tags import run_tags
 from cnnpipe.tracking.uri import resolve_tracking_uri
 from cnnpipe.training.run_training import experiment_name
+from cnnpipe.tuning.objective import VAL_LOSS_ATTR
 from cnnpipe.tuning.report import counts, trial_rows, trials_csv, write_plots
 from cnnpipe.tuning.storage import (
     TrialRecovery,
@@ -214,9 +216,14 @@ def _log_parent(run: RunLogger, cfg: Config, best: dict[str, Any], out: Path) ->
         run.log_artifact(out / name)
 
 
-def run_sweep(cfg: Config, root: Path) -> dict[str, Any]:
+def run_sweep(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The sweep stage. `explicit`: the keys the user set (config.explicit_keys); a tuned key among them is pinned
+    at the user's value (left out of the search). With `train.hparams=params` no sweep runs: train would not use it."""
     load_meta(root / cfg.paths.prepared)  # fail early, naming the file, when prepare has not run
     check_replaceable(root / cfg.paths.sweep, OUTPUT_NAMES)  # a folder of someone else's: refused before any trial
+    if cfg.train.hparams != "sweep":
+        return _skip(cfg, root)
+    cfg = pin_explicit(cfg, explicit)
     name = study_name(cfg)
     storage = describe_storage(cfg, root)
     if cfg.sweep.workers > 1 and storage.startswith("sqlite"):
@@ -260,14 +267,62 @@ def run_sweep(cfg: Config, root: Path) -> dict[str, Any]:
         _log_parent(run, cfg, best, out)
     if best["best_trial"] is None:
         raise CnnpipeError(f"no trial of study {name} completed ({best['trials']}); see {out / 'trials.csv'}")
-    info("sweep", f"best {cfg.sweep.metric} {best['best_value']:.4f} (trial {best['best_trial']}): {best['params']}")
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+    info("sweep", f"best {cfg.sweep.metric} {best['best_value']:.4f} (trial {best['best_trial']}): {shown}")
     return best
+
+
+def pin_explicit(cfg: Config, explicit: frozenset[str]) -> Config:
+    """`cfg` with the space's entries for keys the user set left out: `dvc exp run -S optim.lr=0.01` pins the
+    learning rate at 0.01 and the study searches the rest (a study of its own: pinned values are in its name)."""
+    pinned = {name: p for name, p in cfg.sweep.space.items() if p.key in explicit}
+    if not pinned:
+        return cfg
+    values = flatten(as_dict(cfg))
+    left = {name: p for name, p in cfg.sweep.space.items() if name not in pinned}
+    shown = ", ".join(f"{p.key}={values[p.key]}" for p in pinned.values())
+    if not left:
+        raise ConfigError(
+            f"sweep.space: every key it tunes is set by you ({shown}), so there is nothing to search; "
+            "unset one, or set train.hparams=params to train without a sweep"
+        )
+    info("sweep", f"pinned by you: {shown}; searching {', '.join(p.key for p in left.values())}")
+    return replace(cfg, sweep=replace(cfg.sweep, space=left))
+
+
+def _skip(cfg: Config, root: Path) -> dict[str, Any]:
+    """train.hparams=params: train will not read a sweep result, so none is computed (a sweep on a user's
+    folder can take hours). sweep/ says so, and train's dependency on it is satisfied."""
+    reason = "train.hparams=params: train uses params.yaml, so no sweep was run"
+    info("sweep", f"{reason} (set train.hparams=sweep to run one)")
+    summary = {"skipped": reason, "params": {}}
+    with atomic_dir(root / cfg.paths.sweep, OUTPUT_NAMES) as tmp:
+        write_text_atomic(tmp / BEST_FILE, yaml.safe_dump(summary, sort_keys=False))
+    return summary
 
 
 def _sweep_params(cfg: Config) -> dict[str, Any]:
     """What defines the study (per-invocation settings such as n_trials go into tags: they may change)."""
     skip = ("paths.", "tracking.", "sweep.n_trials", "sweep.timeout", "sweep.workers", "sweep.storage")
     return {k: v for k, v in flatten(as_dict(cfg)).items() if not k.startswith(skip)}
+
+
+def best_trial(study: Any, cfg: Config) -> FrozenTrial:
+    """The complete trial best on `sweep.metric`; a tie goes to the lower validation loss at its best epoch
+    (Optuna's own best_trial takes the first). When every complete trial ties, one line says the metric cannot
+    tell them apart."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    sign = -1.0 if cfg.sweep.direction == "maximize" else 1.0
+    top = min(sign * t.value for t in complete)
+    tied = [t for t in complete if sign * t.value == top]
+    best = min(tied, key=lambda t: (float(t.user_attrs.get(VAL_LOSS_ATTR, math.inf)), t.number))
+    if len(complete) > 1 and len(tied) == len(complete):
+        warn(
+            "sweep",
+            f"all {len(complete)} complete trials tie on {cfg.sweep.metric} = {best.value:.4g}: the lowest val/loss "
+            f"picked trial {best.number}; a larger validation split or sweep.metric=val/loss would tell them apart",
+        )
+    return best
 
 
 def _best(study: Any, cfg: Config, name: str, storage: str, parent_run_id: str) -> dict[str, Any]:
@@ -285,7 +340,7 @@ def _best(study: Any, cfg: Config, name: str, storage: str, parent_run_id: str) 
         "trials": {k: n[k] for k in ("total", "complete", "pruned", "failed")},
     }
     if n["complete"]:
-        best = study.best_trial
+        best = best_trial(study, cfg)
         summary.update(
             best_trial=best.number,
             best_value=float(best.value),

@@ -15,25 +15,30 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from cnnpipe.config import Config, as_dict
+from cnnpipe.config import Config, as_dict, flatten
 from cnnpipe.console import warn
 from cnnpipe.tuning.space import distributions, epoch_range
 from cnnpipe.tuning.storage import open_storage
 
 # Keys that do not change what a trial computes: a study with a different value of these is the same study.
 _NOT_IN_IDENTITY = ("n_trials", "timeout", "workers", "storage", "study_name")
+_TRAIN_NOT_IN_IDENTITY = ("train.hparams", "train.resume")  # what the train stage does with the result
 
 
 def study_name(cfg: Config) -> str:
     """`sweep.study_name`, else `cnnpipe-<dataset>-<hash>` of everything a trial depends on, so re-running
-    the same config resumes its study and a changed model or space starts a new one."""
+    the same config resumes its study and a changed model or space starts a new one. The keys the study tunes
+    are left out: every trial sets them, so their values in params.yaml change nothing a trial computes."""
     if cfg.sweep.study_name:
         return cfg.sweep.study_name
     tree = as_dict(cfg)
     tree.pop("tracking", None)
     tree.pop("paths", None)
     tree["sweep"] = {k: v for k, v in tree["sweep"].items() if k not in _NOT_IN_IDENTITY}
-    digest = hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    flat = flatten(tree)
+    for key in (*(p.key for p in cfg.sweep.space.values()), *_TRAIN_NOT_IN_IDENTITY):
+        flat.pop(key, None)
+    digest = hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"cnnpipe-{cfg.data.name}-{digest}"
 
 

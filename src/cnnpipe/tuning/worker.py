@@ -54,6 +54,7 @@ def run_worker(
     digest = file_digest(augmented / "train.npz", prepared / "val.npz")
     experiment = experiment_name(cfg)
     objective = TrialObjective(cfg, root, meta, train, val, experiment, study_name(cfg), parent_run_id, digest)
+    objective.label = label
     if deadline is None and cfg.sweep.timeout:
         deadline = time.monotonic() + cfg.sweep.timeout
     optuna.logging.set_verbosity(optuna.logging.WARNING)
