@@ -3,7 +3,7 @@
 
 For each seed the two studies run back to back (pruned, then unpruned) through the real code:
 `cnnpipe.tuning.study.load_study` creates each study (its own name, a journal file in a temporary folder) and
-`cnnpipe.tuning.worker.run_worker` runs its trials (TrialObjective: fit + PyTorchLightningPruningCallback +
+`cnnpipe.tuning.worker.run_worker` runs its trials (TrialObjective: fit + PruneOn +
 a child MLflow run per trial, into a temporary SQLite store). Data: digits with `augment=none` (prepared once,
 seed 42, shared by every study). Epochs a trial consumed = the number of intermediate values it reported.
 

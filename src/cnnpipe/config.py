@@ -159,7 +159,9 @@ class SweepConfig:
     direction: str
     sampler: str
     pruner: str
+    prune_on: str
     n_startup_trials: int
+    pruner_startup_trials: int
     n_warmup_epochs: int
     storage: str | None
     workers: int
@@ -570,7 +572,9 @@ def validate_sweep(cfg: Config) -> None:
     _check(sw.direction in ("maximize", "minimize"), "sweep.direction", "maximize or minimize", sw.direction)
     _check(sw.sampler in SAMPLERS, "sweep.sampler", f"one of {', '.join(SAMPLERS)}", sw.sampler)
     _check(sw.pruner in PRUNERS, "sweep.pruner", f"one of {', '.join(PRUNERS)}", sw.pruner)
+    _check(sw.prune_on in MONITORS, "sweep.prune_on", f"one of {', '.join(MONITORS)}", sw.prune_on)
     _check(sw.n_startup_trials >= 0, "sweep.n_startup_trials", ">= 0", sw.n_startup_trials)
+    _check(sw.pruner_startup_trials >= 0, "sweep.pruner_startup_trials", ">= 0", sw.pruner_startup_trials)
     _check(sw.n_warmup_epochs >= 0, "sweep.n_warmup_epochs", ">= 0", sw.n_warmup_epochs)
     _check(1 <= sw.workers <= 64, "sweep.workers", "between 1 and 64", sw.workers)
     known = flatten(as_dict(cfg))

@@ -12,7 +12,6 @@ import lightning.pytorch as pl
 import optuna
 from lightning.pytorch.callbacks import Callback
 from optuna.trial import TrialState
-from optuna_integration import PyTorchLightningPruningCallback
 
 from cnnpipe.config import Config, as_dict, flatten, with_values
 from cnnpipe.console import info
@@ -46,6 +45,29 @@ def best_row(rows: list[dict[str, float]], metric: str, direction: str) -> dict[
 def _loss(row: dict[str, float]) -> float:
     loss = row.get(TIEBREAK, math.inf)
     return loss if math.isfinite(loss) else math.inf
+
+
+class PruneOn(Callback):
+    """Reports `metric` to the trial after each validation and stops the trial when the pruner says so.
+
+    Not optuna-integration's PyTorchLightningPruningCallback: that reports the monitored value as it is, and
+    Optuna's pruners compare intermediate values in the study's direction, so pruning a val/acc study on the
+    val/loss signal needs the loss negated. Here it is reported signed to the study's direction (a loss in a
+    maximising study as -loss), and the study still selects on its own metric."""
+
+    def __init__(self, trial: optuna.Trial, metric: str) -> None:
+        self.trial, self.metric = trial, metric
+        maximize = trial.study.direction == optuna.study.StudyDirection.MAXIMIZE
+        self.sign = -1.0 if (metric == TIEBREAK) == maximize else 1.0  # losses fall, the other metrics rise
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.metric)
+        if trainer.sanity_checking or value is None:
+            return
+        epoch = trainer.current_epoch
+        self.trial.report(self.sign * float(value), step=epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch} on {self.metric}")
 
 
 class EpochProgress(Callback):
@@ -105,7 +127,7 @@ class TrialObjective:
         ) as run:
             trial.set_user_attr(RUN_ID_ATTR, run.run_id)
             run.log_params(flatten(as_dict(cfg)))
-            pruning = PyTorchLightningPruningCallback(trial, monitor=cfg.sweep.metric)
+            pruning = PruneOn(trial, cfg.sweep.prune_on)
             progress = self._progress(trial)
             try:
                 result = fit(
@@ -119,7 +141,6 @@ class TrialObjective:
                     quiet=True,
                     root=self.root,
                 )
-                pruning.check_pruned()
                 row = best_row(result.history, cfg.sweep.metric, cfg.sweep.direction)
                 if row is None:
                     raise TrialFailed(f"{cfg.sweep.metric} was never finite")
