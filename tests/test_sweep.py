@@ -180,6 +180,11 @@ def test_pruning_prunes_a_hopeless_learning_rate(project: Path) -> None:
     good = [t.number for t in trials if t.params["optim.lr"] == pytest.approx(0.003) and t.state == TrialState.COMPLETE]
     hopeless = [t for t in trials if t.params["optim.lr"] == pytest.approx(1e-7) and t.number > min(good)]
     assert hopeless and all(t.state == TrialState.PRUNED for t in hopeless), [(t.params, t.state) for t in trials]
+    # A pruned trial is a result, not a failure: its MLflow run ends FINISHED (the UI shows no red "Failed").
+    client = MlflowClient(f"sqlite:///{project / f'mlflow-{name}.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cnnpipe-digits").experiment_id])
+    pruned_runs = [r for r in runs if r.data.tags.get("cnnpipe.trial_state") == "pruned"]
+    assert len(pruned_runs) == len(pruned) and all(r.info.status == "FINISHED" for r in pruned_runs)
 
 
 def test_diverging_trial_fails_and_the_study_goes_on(project: Path) -> None:

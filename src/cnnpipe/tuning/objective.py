@@ -117,6 +117,7 @@ class TrialObjective:
             "cnnpipe.trial_number": str(trial.number),
         }
         state = "failed"
+        pruned: optuna.TrialPruned | None = None
         with tracked_run(
             cfg.tracking.uri,
             self.root,
@@ -149,14 +150,17 @@ class TrialObjective:
                 run.log_metrics({f"best/{cfg.sweep.metric}": value}, step=len(result.history) - 1)
                 state = "complete"
                 return value
-            except optuna.TrialPruned:
-                state = "pruned"
-                raise
+            except optuna.TrialPruned as exc:
+                # A result, not a failure: the run ends FINISHED (tag cnnpipe.trial_state=pruned), and Optuna
+                # records the trial as PRUNED when the exception reaches it below.
+                state, pruned = "pruned", exc
             except KeyboardInterrupt:
                 state = "interrupted"
                 raise
             finally:
                 run.set_tags({"cnnpipe.trial_state": state})
+        assert pruned is not None  # every other way out of the block returned or raised
+        raise pruned
 
     def _progress(self, trial: optuna.Trial) -> EpochProgress:
         trials = trial.study.get_trials(deepcopy=False)
