@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +134,31 @@ def poll(predicate, timeout: float = 120.0, what: str = "condition", every: floa
             return
         time.sleep(every)
     pytest.fail(f"timed out waiting for {what}")
+
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"  # the local PostgreSQL (trust auth), every session and CI
+
+
+def postgres_up() -> bool:
+    try:
+        import sqlalchemy as sa
+
+        with sa.create_engine(PG_ADMIN).connect() as conn:
+            conn.execute(sa.text("select 1"))
+        return True
+    except Exception:
+        return False
+
+
+needs_postgres = pytest.mark.skipif(not postgres_up(), reason="no PostgreSQL answers at 127.0.0.1:5432")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one thread for in-process fits (the machine has 2 cores; pytest-xdist or a neighbour may share)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

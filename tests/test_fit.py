@@ -14,13 +14,7 @@ from cnnpipe.training.fit import fit
 from tests.tiny import tiny_config as config
 from tests.tiny import tiny_data
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_fit_without_checkpoints_returns_the_final_net_and_history() -> None:

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import optuna
 import pytest
-import torch
 
 from cnnpipe.training.fit import fit
 from cnnpipe.tuning.objective import PruneOn
 from cnnpipe.tuning.study import build_pruner
 from tests.tiny import tiny_config, tiny_data
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(

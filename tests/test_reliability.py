@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import prepared_copy, stage_env
+from tests.conftest import PG_ADMIN, needs_postgres, prepared_copy, stage_env
 
 pytestmark = pytest.mark.slow
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 # Fast training: the prepared train split as is, params.yaml values (no sweep).
 FAST = ["augment=none", "train.hparams=params"]
 
@@ -185,18 +184,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _postgres_up() -> bool:
-    try:
-        import sqlalchemy as sa
-
-        with sa.create_engine(PG_ADMIN).connect() as conn:
-            conn.execute(sa.text("select 1"))
-        return True
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(not _postgres_up(), reason="no PostgreSQL answers at 127.0.0.1:5432")
+@needs_postgres
 def test_two_trainings_at_once_against_an_mlflow_server_on_postgresql(project: Path, tmp_path: Path) -> None:
     import sqlalchemy as sa
 

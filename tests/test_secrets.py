@@ -13,7 +13,7 @@ from urllib.parse import quote
 import pytest
 
 from cnnpipe.redact import mask_secrets
-from tests.conftest import prepared_copy, stage_env
+from tests.conftest import needs_postgres, prepared_copy, stage_env
 
 SECRETS = ["hunter2", "p@ss", "pa/ss", "p:a:ss", "s3cr/et@x", "we?rd#pw", "sp ace", "ÿnïcödé", "%41dm1n"]
 
@@ -96,19 +96,8 @@ def test_text_without_a_secret_is_unchanged(text: str) -> None:
     assert mask_secrets(text) == text
 
 
-def _postgres_up() -> bool:
-    try:
-        import sqlalchemy as sa
-
-        with sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres").connect() as conn:
-            conn.execute(sa.text("select 1"))
-        return True
-    except Exception:
-        return False
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _postgres_up(), reason="no PostgreSQL answers at 127.0.0.1:5432")
+@needs_postgres
 def test_a_sweep_on_a_password_bearing_postgresql_url_writes_the_password_nowhere(tmp_path: Path) -> None:
     """The server trusts local connections, so any password works: a raw `/` one, which the old masking leaked."""
     token = uuid.uuid4().hex[:12]  # made here, so no file of the project (this one included) holds it before

@@ -16,7 +16,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import prepared_copy, stage_env
+from tests.conftest import needs_postgres, prepared_copy, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -207,18 +207,7 @@ def test_diverging_trial_fails_and_the_study_goes_on(project: Path) -> None:
     assert states.get(1e12) == TrialState.FAIL and states.get(0.01) == TrialState.COMPLETE
 
 
-def _postgres_up() -> bool:
-    try:
-        import sqlalchemy as sa
-
-        with sa.create_engine(PG_URL).connect() as conn:
-            conn.execute(sa.text("select 1"))
-        return True
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(not _postgres_up(), reason=f"no PostgreSQL answers at {PG_URL}")
+@needs_postgres
 def test_two_workers_share_a_postgresql_study(project: Path) -> None:
     name = f"pg-{uuid.uuid4().hex[:8]}"
     run_sweep(

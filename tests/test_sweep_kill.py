@@ -18,9 +18,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import ROOT, prepared_copy, stage_env
+from tests.conftest import PG_ADMIN, ROOT, needs_postgres, prepared_copy, stage_env
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 # Tiny, fast trials: the prepared train split as is, 2 epochs each, one thread, no pruning.
 FAST = [
     "augment=none",
@@ -30,20 +29,6 @@ FAST = [
     "sweep.n_startup_trials=2",
     "trainer.threads=1",
 ]
-
-
-def _postgres_up() -> bool:
-    try:
-        import sqlalchemy as sa
-
-        with sa.create_engine(PG_ADMIN).connect() as conn:
-            conn.execute(sa.text("select 1"))
-        return True
-    except Exception:
-        return False
-
-
-needs_postgres = pytest.mark.skipif(not _postgres_up(), reason="no PostgreSQL answers at 127.0.0.1:5432")
 
 
 @pytest.fixture
