@@ -162,3 +162,13 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def isolated(project: Path, name: str) -> list[str]:
+    """Overrides giving a sweep test its own study name, journal folder, sweep/ folder and MLflow store."""
+    return [
+        f"sweep.study_name={name}",
+        f"paths.optuna=.optuna-{name}",
+        f"paths.sweep=sweep-{name}",
+        f"tracking.uri=sqlite:///{project / f'mlflow-{name}.db'}",
+    ]

@@ -16,7 +16,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import needs_postgres, prepared_copy, stage_env
+from tests.conftest import isolated, needs_postgres, prepared_copy, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -42,16 +42,6 @@ def run_sweep(project: Path, *overrides: str, check: bool = True) -> subprocess.
     if check and proc.returncode != 0:
         raise AssertionError(f"sweep failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
-
-
-def isolated(project: Path, name: str) -> list[str]:
-    """Overrides giving a test its own study name, journal folder and MLflow store."""
-    return [
-        f"sweep.study_name={name}",
-        f"paths.optuna=.optuna-{name}",
-        f"paths.sweep=sweep-{name}",
-        f"tracking.uri=sqlite:///{project / f'mlflow-{name}.db'}",
-    ]
 
 
 def journal_study(project: Path, name: str) -> optuna.Study:

@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import PG_ADMIN, ROOT, needs_postgres, prepared_copy, stage_env
+from tests.conftest import PG_ADMIN, ROOT, isolated, needs_postgres, prepared_copy, stage_env
 
 # Tiny, fast trials: the prepared train split as is, 2 epochs each, one thread, no pruning.
 FAST = [
@@ -236,15 +236,6 @@ def test_close_orphaned_trial_runs_closes_only_runs_of_finished_trials(tmp_path:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return prepared_copy(tmp_path_factory.mktemp("sweep-kill"))
-
-
-def isolated(project: Path, name: str) -> list[str]:
-    return [
-        f"sweep.study_name={name}",
-        f"paths.optuna=.optuna-{name}",
-        f"paths.sweep=sweep-{name}",
-        f"tracking.uri=sqlite:///{project / f'mlflow-{name}.db'}",
-    ]
 
 
 def children_of(pid: int) -> list[int]:
