@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from cnnpipe.atomic import write_json_atomic, write_text_atomic
@@ -172,6 +173,7 @@ def run_training(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()
             expect_rank=0,
             root=root,
         )
+        run.set_tags({"cnnpipe.torch_threads": str(torch.get_num_threads())})  # trainer.threads=0 means auto
 
         # Everything goes to this run's own folder first: MLflow gets exactly these files, and models/ gets them
         # as one unit (a second training at the same time can never pair its run id with our weights).

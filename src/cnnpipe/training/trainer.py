@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
+from cnnpipe import threads
 from cnnpipe.config import Config
 
 
@@ -87,8 +88,7 @@ def checkpoint_callbacks(cfg: Config, ckpt_dir: Path) -> tuple[ModelCheckpoint, 
 def build_trainer(
     cfg: Config, callbacks: list[Callback], max_epochs: int | None = None, root_dir: Path | None = None
 ) -> pl.Trainer:
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
+    threads.apply(cfg)  # trainer.threads, else OMP_NUM_THREADS, else the cores shared out (cnnpipe.threads)
     callbacks = list(callbacks)
     if cfg.train.early_stopping_patience:
         callbacks.append(

@@ -22,6 +22,7 @@ from cnnpipe.console import info, warn
 from cnnpipe.data.store import load_meta
 from cnnpipe.errors import CnnpipeError, ConfigError
 from cnnpipe.redact import mask_secrets
+from cnnpipe.threads import cpu_threads
 from cnnpipe.tracking.runs import RunLogger, tracked_run
 from cnnpipe.tracking.tags import run_tags
 from cnnpipe.tracking.uri import resolve_tracking_uri
@@ -46,8 +47,9 @@ POLL_S = 0.5  # how often the stage looks at its worker processes
 
 
 def worker_env(index: int, threads: int, gpus: int) -> dict[str, str]:
-    """Environment of local worker `index`: its share of CPU threads, and on a machine with several GPUs
-    its own GPU (round robin), so workers never share a device."""
+    """Environment of local worker `index`: its share of CPU threads (`cnnpipe.threads.cpu_threads` with
+    `sweep.workers` processes, in OMP_NUM_THREADS before the worker loads torch), and on a machine with several
+    GPUs its own GPU (round robin), so workers never share a device."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if gpus > 1:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -81,12 +83,12 @@ def _spawn_workers(
     linger as a zombie, and its trial is failed and re-queued at once (the other workers then run it)."""
     import torch
 
-    threads = max(1, (os.cpu_count() or 1) // cfg.sweep.workers)
+    threads = cpu_threads(cfg, processes=cfg.sweep.workers)  # trainer.threads, OMP_NUM_THREADS, or a share
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     with tempfile.TemporaryDirectory(prefix="cnnpipe-sweep-") as tmp:
         cfg_file = Path(tmp) / "config.yaml"
         tree = as_dict(cfg)
-        tree["trainer"]["threads"] = cfg.trainer.threads or threads
+        tree["trainer"]["threads"] = threads
         cfg_file.write_text(yaml.safe_dump(tree))
         procs = [
             subprocess.Popen(
