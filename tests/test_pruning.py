@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import optuna
 import pytest
 
@@ -43,3 +45,18 @@ def test_a_val_acc_study_prunes_on_val_loss_after_one_complete_trial() -> None:
         fit(cfg, meta, train, val, ckpt_dir=None, callbacks=[PruneOn(trial, "val/loss")], quiet=True)
     reported = study.trials[trial.number].intermediate_values
     assert list(reported) == [0] and reported[0] < -0.001
+
+
+def test_a_trial_shows_its_progress_with_rounded_values(capsys: pytest.CaptureFixture) -> None:
+    """A sweep printed nothing for minutes during a trial: now a line per epoch (at most every few seconds),
+    values rounded to 4 decimals, with the best so far."""
+    from cnnpipe.tuning.objective import EpochProgress
+
+    meta, train, val = tiny_data()
+    progress = EpochProgress("sweep", "trial 3 (4 of 8)", "val/acc", "  best so far 0.9720 (trial 1)", every=0.0)
+    fit(tiny_config("train.epochs=2"), meta, train, val, ckpt_dir=None, callbacks=[progress], quiet=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "trial 3" in line]
+    assert len(lines) == 2, lines
+    assert re.fullmatch(
+        r"\[sweep\] trial 3 \(4 of 8\): epoch 2/2  val/acc \d\.\d{4}  best so far 0\.9720 \(trial 1\)", lines[1]
+    )

@@ -209,8 +209,12 @@ def test_two_workers_share_a_postgresql_study(project: Path) -> None:
         "sweep.pruner=none",
     )
     study = optuna.load_study(study_name=name, storage=PG_URL)
-    trials = study.trials
-    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    # Two workers may check the budget at the same moment and both start a trial; the one past n_trials is
+    # marked surplus and pruned before it trains (tuning.storage.is_surplus), so exactly 4 count and complete.
+    surplus = [t for t in study.trials if t.user_attrs.get("cnnpipe.surplus")]
+    assert all(t.state == TrialState.PRUNED and not t.intermediate_values for t in surplus)
+    trials = [t for t in study.trials if t not in surplus]
+    assert len(trials) == 4 and len(surplus) <= 1
     assert all(t.state == TrialState.COMPLETE for t in trials)
     workers = {t.user_attrs["cnnpipe.worker"] for t in trials}
     assert len(workers) == 2  # both processes ran trials
@@ -232,6 +236,19 @@ def test_workers_get_their_own_gpu_and_a_share_of_threads(monkeypatch: pytest.Mo
     assert [worker_env(i, 1, 2)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == ["3", "5"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert worker_env(0, 1, 0)["CUDA_VISIBLE_DEVICES"] == ""  # no GPUs: left as it was
+
+
+def test_a_trial_started_past_the_budget_is_surplus_and_does_not_count() -> None:
+    from cnnpipe.tuning.storage import budget_used, is_surplus
+
+    study = optuna.create_study()
+    for _ in range(4):
+        study.ask()  # RUNNING trials count toward the budget
+    late = study.ask()  # another worker checked the budget before the fourth trial existed
+    assert not is_surplus(study, 3, 4) and is_surplus(study, late.number, 4)
+    study.tell(late, state=TrialState.PRUNED)
+    study._storage.set_trial_user_attr(late._trial_id, "cnnpipe.surplus", True)
+    assert budget_used(study.get_trials()) == 4
 
 
 def test_an_interrupted_last_trial_still_runs_when_the_study_resumes() -> None:

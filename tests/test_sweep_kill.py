@@ -350,6 +350,7 @@ def test_a_killed_postgresql_sweep_resumes_closes_the_orphaned_run_and_ends_its_
 ) -> None:
     name = "killpg"
     overrides = [*FAST, *isolated(project, name), f"sweep.storage={pg_url}", "sweep.n_trials=3"]
+    overrides += ["sweep.space.epochs.low=6", "sweep.space.epochs.high=6"]  # the kill lands inside a trial
     proc = subprocess.Popen(
         [sys.executable, "pipelines/sweep.py", *overrides],
         cwd=project,

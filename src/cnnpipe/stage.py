@@ -49,7 +49,7 @@ def run_stage(name: str, body: Callable[[Config, Path], Any], argv: list[str] | 
     try:
         root = find_project_root()
         cfg = load_config(list(sys.argv[1:] if argv is None else argv), root=root)
-        threads.apply(cfg, name)  # every stage, not only training: a neighbour must not stall a 2-thread team
+        threads.apply(cfg, name, say=False)  # every stage: a neighbour must not stall a 2-thread team
         body(cfg, root)
     except CnnpipeError as exc:
         print(f"cnnpipe {name}: error: {mask_secrets(str(exc))}", file=sys.stderr)

@@ -79,14 +79,15 @@ def cpu_threads(cfg: Config, processes: int | None = None) -> int:
     return thread_choice(cfg, processes)[0]
 
 
-def apply(cfg: Config, label: str = "train") -> int:
-    """Set torch's CPU threads for this process (called when the Trainer is built) and say so once."""
+def apply(cfg: Config, label: str = "train", say: bool = True) -> int:
+    """Set torch's CPU threads for this process and, with `say` (when a Trainer is built), say so once: a stage
+    that stops on bad input prints its one error line and nothing else."""
     import torch
 
     threads, why = thread_choice(cfg)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    if (threads, why) not in _reported:
+    if say and (threads, why) not in _reported:
         _reported.add((threads, why))
         info(label, f"torch threads: {torch.get_num_threads()} of {usable_cores()} cores ({why})")
     return threads

@@ -20,7 +20,7 @@ from cnnpipe.tracking.runs import tracked_run
 from cnnpipe.tracking.tags import run_tags
 from cnnpipe.training.fit import fit
 from cnnpipe.tuning.space import suggest
-from cnnpipe.tuning.storage import RUN_ID_ATTR, WORKER_ATTR, this_worker
+from cnnpipe.tuning.storage import RUN_ID_ATTR, SURPLUS_ATTR, WORKER_ATTR, is_surplus, this_worker
 
 __all__ = ["RUN_ID_ATTR", "TrialFailed", "TrialObjective", "best_row"]
 
@@ -110,6 +110,9 @@ class TrialObjective:
     def __call__(self, trial: optuna.Trial) -> float:
         self.current = trial.number
         trial.set_user_attr(WORKER_ATTR, this_worker())
+        if is_surplus(trial.study, trial.number, self.cfg.sweep.n_trials):
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            raise optuna.TrialPruned(f"trial {trial.number} is past sweep.n_trials (another worker started one too)")
         cfg = with_values(self.cfg, suggest(trial, self.cfg.sweep.space), source=f"trial {trial.number}")
         tags = {
             **run_tags(self.root, "trial", cfg.data.name, self.data_digest),

@@ -29,6 +29,7 @@ from cnnpipe.tracking.uri import resolve_tracking_uri
 
 WORKER_ATTR = "cnnpipe.worker"
 RUN_ID_ATTR = "cnnpipe.mlflow_run_id"  # the trial's MLflow child run
+SURPLUS_ATTR = "cnnpipe.surplus"  # a trial started past the budget by a racing worker: pruned before training
 INTERRUPTED_ATTR = "cnnpipe.interrupted"
 HEARTBEAT_S = 10
 GRACE_S = 30
@@ -167,9 +168,20 @@ def recover_dead_trials(study: optuna.Study, recovery: TrialRecovery | None = No
 
 def budget_used(trials: list[FrozenTrial]) -> int:
     """Trials that count toward `n_trials`: all of them, except failed trials that were re-queued
-    (their retry counts instead), so an interrupted study ends with exactly `n_trials`."""
+    (their retry counts instead) and surplus trials (`is_surplus`), so a study ends with exactly `n_trials`."""
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
+    return sum(
+        1
+        for t in trials
+        if not (t.state == TrialState.FAIL and t.number in retried) and not t.user_attrs.get(SURPLUS_ATTR)
+    )
+
+
+def is_surplus(study: optuna.Study, number: int, n_trials: int) -> bool:
+    """Trial `number` was created when the trials before it already filled the budget: two workers checked the
+    budget at the same moment and both started one (the check and Optuna's trial creation are not one atomic
+    step, on any storage). Such a trial is stopped before it trains and does not count."""
+    return budget_used([t for t in study.get_trials(deepcopy=False) if t.number < number]) >= n_trials
 
 
 def study_is_done(study: optuna.Study, n_trials: int) -> bool:
