@@ -42,11 +42,13 @@ def save_model(folder: Path, net: nn.Module, spec: dict[str, Any]) -> None:
     write_json_atomic(folder / SPEC, spec)
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(*paths: Path) -> str:
+    """sha256 of the files' bytes, one after the other, read 1 MiB at a time (weights, or a run's data splits)."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+    for path in paths:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 

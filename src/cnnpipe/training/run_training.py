@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import time
 from pathlib import Path
@@ -45,15 +44,6 @@ def experiment_name(cfg: Config) -> str:
     return cfg.tracking.experiment or f"cnnpipe-{cfg.data.name}"
 
 
-def file_digest(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def history_csv(rows: list[dict[str, float]]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
@@ -90,7 +80,8 @@ def apply_hparams(cfg: Config, root: Path, explicit: frozenset[str] = frozenset(
     info("train", f"hyperparameters from the sweep (trial {best.get('best_trial')}): {shown}")
     if kept:
         tags["cnnpipe.hparams_set_by_user"] = ", ".join(sorted(kept))
-        mine = ", ".join(f"{k}={_short(flatten(as_dict(cfg))[k])} (sweep's best {_short(v)})" for k, v in kept.items())
+        given = flatten(as_dict(cfg))
+        mine = ", ".join(f"{k}={_short(given[k])} (sweep's best {_short(v)})" for k, v in kept.items())
         info("train", f"set by you, so used instead of the sweep's: {mine}")
     return tuned, tags
 
@@ -109,7 +100,7 @@ def run_training(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()
     train_file, val_file = augmented / "train.npz", prepared / "val.npz"
     train, val = load_split(train_file, mmap=True, meta=meta), load_split(val_file, mmap=True, meta=meta)
     out = root / cfg.paths.models
-    tags = {**run_tags(root, "train", cfg.data.name, file_digest(train_file, val_file)), **hparam_tags}
+    tags = {**run_tags(root, "train", cfg.data.name, file_sha256(train_file, val_file)), **hparam_tags}
     info(
         "train",
         f"{len(train.labels)} train / {len(val.labels)} val images, model {cfg.model.name}, {cfg.train.epochs} epochs",

@@ -18,7 +18,8 @@ from optuna.trial import TrialState
 from cnnpipe.config import Config, to_config
 from cnnpipe.console import info
 from cnnpipe.data.store import load_meta, load_split
-from cnnpipe.training.run_training import experiment_name, file_digest
+from cnnpipe.models.store import file_sha256
+from cnnpipe.training.run_training import experiment_name
 from cnnpipe.tuning.objective import TrialObjective
 from cnnpipe.tuning.storage import TrialRecovery, recover_dead_trials, requeue, study_is_done
 from cnnpipe.tuning.study import load_study, study_name
@@ -51,7 +52,7 @@ def run_worker(
     prepared, augmented = root / cfg.paths.prepared, root / cfg.paths.augmented
     meta = load_meta(prepared)
     train, val = load_split(augmented / "train.npz", mmap=True, meta=meta), load_split(prepared / "val.npz", mmap=True)
-    digest = file_digest(augmented / "train.npz", prepared / "val.npz")
+    digest = file_sha256(augmented / "train.npz", prepared / "val.npz")
     experiment = experiment_name(cfg)
     objective = TrialObjective(cfg, root, meta, train, val, experiment, study_name(cfg), parent_run_id, digest)
     objective.label = label
