@@ -181,7 +181,10 @@ def is_surplus(study: optuna.Study, number: int, n_trials: int) -> bool:
     """Trial `number` was created when the trials before it already filled the budget: two workers checked the
     budget at the same moment and both started one (the check and Optuna's trial creation are not one atomic
     step, on any storage). Such a trial is stopped before it trains and does not count."""
-    return budget_used([t for t in study.get_trials(deepcopy=False) if t.number < number]) >= n_trials
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}  # retries name their original
+    earlier = [t for t in trials if t.number < number and t.number not in retried]
+    return budget_used(earlier) >= n_trials
 
 
 def study_is_done(study: optuna.Study, n_trials: int) -> bool:
