@@ -23,7 +23,7 @@ from cnnpipe.data.augment import (
     to_uint8,
 )
 from cnnpipe.data.batches import IndexBatches, TensorBatches
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from tests.tiny import conf_section
 
 Op = Callable[[torch.Tensor, torch.Generator], torch.Tensor]

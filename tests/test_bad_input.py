@@ -17,7 +17,7 @@ from PIL import Image
 
 from cnnpipe.data.prepare import prepare_splits
 from cnnpipe.stage import run_stage
-from tests.conftest import ROOT, write_png
+from tests.helpers import ROOT, write_png
 
 rng = np.random.default_rng(7)
 

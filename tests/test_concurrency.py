@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from cnnpipe.data.store import load_split
 from cnnpipe.models.store import load_model
-from tests.conftest import poll, prepared_copy, sqlite_store, stage_runs, start_stage_process
+from tests.helpers import poll, prepared_copy, sqlite_store, stage_runs, start_stage_process
 
 pytestmark = pytest.mark.slow
 

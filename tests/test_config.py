@@ -23,7 +23,7 @@ from cnnpipe.config import (
     to_config,
 )
 from cnnpipe.errors import ConfigError
-from tests.conftest import ROOT
+from tests.helpers import ROOT, names_key
 
 CONF = ROOT / "conf"
 PARAMS = ROOT / "params.yaml"
@@ -31,11 +31,6 @@ PARAMS = ROOT / "params.yaml"
 
 def committed_params() -> dict:
     return yaml.safe_load(PARAMS.read_text())
-
-
-def names_key(message: str, key: str) -> bool:
-    """`key` appears in `message` as a whole dotted name (`data.split` does not match `data.split.train`)."""
-    return re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", message) is not None
 
 
 def assert_holds(tree: dict, full: dict) -> None:

@@ -22,7 +22,7 @@ from cnnpipe.data.sources import fit_images, load_digits_source, load_source
 from cnnpipe.data.split import SPLITS, stratified_split
 from cnnpipe.data.store import Split, load_meta, load_split, save_split
 from cnnpipe.errors import DataError
-from tests.conftest import ROOT, make_image_folder, write_png
+from tests.helpers import ROOT, make_image_folder, write_png
 from tests.tiny import conf_section, config_from
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import prepared_copy, stage_env
+from tests.helpers import prepared_copy, stage_env
 
 pytestmark = pytest.mark.slow
 

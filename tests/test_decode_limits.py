@@ -19,7 +19,7 @@ from cnnpipe.models.factory import build_model
 from cnnpipe.models.store import save_model
 from cnnpipe.serving.images import to_batch
 from cnnpipe.serving.predictor import ImagePredictor
-from tests.conftest import ROOT, stage_env
+from tests.helpers import ROOT, stage_env
 
 BIG = 9400  # 88.4 M pixels: under Pillow's bomb limit (89.5 M), a ~100 KB PNG when constant
 

@@ -21,7 +21,7 @@ from cnnpipe.training.run_training import apply_hparams
 from cnnpipe.tuning.objective import VAL_LOSS_ATTR, best_row
 from cnnpipe.tuning.run_sweep import best_trial, pin_explicit
 from cnnpipe.tuning.study import study_name
-from tests.conftest import ROOT, prepared_copy, stage_env
+from tests.helpers import ROOT, prepared_copy, stage_env
 
 
 @pytest.fixture(scope="module")

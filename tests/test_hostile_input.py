@@ -19,7 +19,7 @@ from cnnpipe.data.store import Split, load_meta, load_split, save_split
 from cnnpipe.errors import DataError
 from cnnpipe.evaluation.metrics import per_class_metric_names
 from cnnpipe.evaluation.report import md_text
-from tests.conftest import ROOT, copy_project, prepared_copy, stage_env, write_png
+from tests.helpers import ROOT, copy_project, prepared_copy, stage_env, write_png
 
 HOSTILE = [
     "c++",

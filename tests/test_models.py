@@ -17,7 +17,7 @@ from cnnpipe.models.factory import build_model, model_spec
 from cnnpipe.models.layers import Normalize
 from cnnpipe.models.store import SPEC, WEIGHTS, load_model, save_model
 from cnnpipe.training.module import ImageClassifier
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from tests.tiny import conf_section
 
 MODELS = ("cnn", "cnn_bn", "resnet_small")

@@ -18,7 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cnnpipe.errors import DataError
-from tests.conftest import (
+from tests.helpers import (
     FAST_TRAIN,
     poll,
     prepared_copy,

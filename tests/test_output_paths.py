@@ -16,8 +16,7 @@ import pytest
 from cnnpipe.atomic import OutputFolderError, atomic_dir
 from cnnpipe.config import load_config
 from cnnpipe.errors import CnnpipeError, ConfigError
-from tests.conftest import ROOT, copy_project, stage_env
-from tests.test_config import names_key
+from tests.helpers import ROOT, copy_project, names_key, stage_env
 
 
 @pytest.fixture()

@@ -11,28 +11,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import copy_project, make_image_folder, stage_env
+from tests.helpers import SHORT, compose_params, copy_project, dvc, make_image_folder, run
 
 pytestmark = pytest.mark.slow
-
-
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, cwd=cwd, env=stage_env(), capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return run([str(Path(sys.executable).parent / "dvc"), *args], cwd, check)
-
-
-def compose_params(project: Path, *overrides: str) -> None:
-    run([sys.executable, "-m", "cnnpipe.config", "compose", "--out", "params.yaml", *overrides], project)
-
-
-# The default pipeline, shortened: one augmented copy, a 2-trial sweep of 2-3 epochs per trial.
-SHORT = ["augment.copies=1", "sweep.n_trials=2", "sweep.space.epochs.low=2", "sweep.space.epochs.high=3"]
 
 
 @pytest.fixture(scope="module")

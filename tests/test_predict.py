@@ -16,9 +16,7 @@ from cnnpipe.data.store import load_split
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.serving.predict import run_predict
 from cnnpipe.serving.predictor import ImagePredictor
-from tests.conftest import ROOT, stage_env, write_png
-from tests.test_registry import trained_project
-from tests.test_serving import png_bytes, tiny_model
+from tests.helpers import ROOT, png_bytes, stage_env, tiny_model, write_png
 
 
 def cli(*args: str, project: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -99,8 +97,8 @@ def test_cli_with_a_models_folder_warns_once_about_unreadable_files(messy_folder
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return trained_project(tmp_path_factory)
+def project(trained_project: Path) -> Path:
+    return trained_project
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from PIL import Image
 from cnnpipe.config import load_config
 from cnnpipe.data import augmented
 from cnnpipe.data.store import Split, save_split
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def class_ordered(counts: list[int], size: int = 8) -> Split:

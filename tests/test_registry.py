@@ -4,57 +4,19 @@ only when its test metric beats the champion's (as stored in the version tags)."
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from cnnpipe.tracking.registry import register_run_model
-from tests.conftest import copy_project
-from tests.test_pipeline_e2e import compose_params, dvc, run
+from tests.helpers import MODEL, eval_metrics, stage, store
 
 pytestmark = pytest.mark.slow
 
-# The default pipeline, shortened: one augmented copy, a 2-trial sweep of 2-3 epochs per trial (test acc > 0.8).
-SHORT = ["augment.copies=1", "sweep.n_trials=2", "sweep.space.epochs.low=2", "sweep.space.epochs.high=3"]
-MODEL = "cnnpipe-digits"
-
-
-def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The digits pipeline (prepare -> ... -> evaluate, registering `cnnpipe-digits` v1 as champion), reproduced
-    once per pytest session and shared by the registry, serving, predict and UI tests: each module's fixture
-    calls this, the first one builds it. Tests that add models use their own registered model name or paths,
-    so `cnnpipe-digits@champion` stays the pipeline's model."""
-    base = tmp_path_factory.getbasetemp()
-    project, done = base / "trained-project", base / "trained-project.done"
-    if not done.is_file():
-        shutil.rmtree(project, ignore_errors=True)  # a build that failed earlier in this session
-        project.mkdir()
-        copy_project(project)
-        compose_params(project, *SHORT)
-        dvc("repro", cwd=project)
-        done.touch()
-    return project
-
-
-def store(project: Path) -> MlflowClient:
-    return MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-
-
-def stage(project: Path, name: str, *overrides: str) -> str:
-    """Run one stage entry in the project; its stderr (the [stage] lines)."""
-    return run([sys.executable, f"pipelines/{name}.py", *overrides], project).stderr
-
-
-def eval_metrics(project: Path, folder: str = "eval") -> dict[str, float]:
-    return json.loads((project / folder / "metrics.json").read_text())["test"]
-
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return trained_project(tmp_path_factory)
+def project(trained_project: Path) -> Path:
+    return trained_project
 
 
 def test_repro_registers_the_train_runs_model_as_candidate_and_champion(project: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import PG_ADMIN, needs_postgres, prepared_copy, stage_env
+from tests.helpers import PG_ADMIN, needs_postgres, prepared_copy, stage_env
 
 pytestmark = pytest.mark.slow
 

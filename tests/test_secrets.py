@@ -13,7 +13,7 @@ from urllib.parse import quote
 import pytest
 
 from cnnpipe.redact import mask_secrets
-from tests.conftest import needs_postgres, prepared_copy, stage_env
+from tests.helpers import needs_postgres, prepared_copy, stage_env
 
 SECRETS = ["hunter2", "p@ss", "pa/ss", "p:a:ss", "s3cr/et@x", "we?rd#pw", "sp ace", "ÿnïcödé", "%41dm1n"]
 

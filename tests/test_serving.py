@@ -4,15 +4,8 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -20,101 +13,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-import torch
-from PIL import Image
 
 from cnnpipe.data.images import decode_image
 from cnnpipe.data.store import load_split
 from cnnpipe.errors import DataError
-from cnnpipe.models.factory import build_model
-from cnnpipe.models.store import save_model
 from cnnpipe.serving.predictor import ImagePredictor
-from tests.conftest import BIN, stage_env
-from tests.test_registry import trained_project
-from tests.tiny import conf_section
+from tests.helpers import BIN, Server, free_port, png_bytes, server_env, tiny_model
 
 CHAMPION = "models:/cnnpipe-digits@champion"
-
-
-# ---------------------------------------------------------------- helpers shared with test_predict / test_ui
-
-
-def tiny_model(folder: Path, channels: int = 1, classes: tuple[str, ...] = ("cat", "dog", "eel")) -> Path:
-    """An untrained (seeded) CNN saved as models/ would be: preprocessing tests need no training."""
-    spec = {
-        "model": asdict(conf_section("model", channels=[4], convs_per_block=1, hidden=[8])),
-        "in_shape": [channels, 8, 8],
-        "classes": list(classes),
-        "mean": [0.4] * channels,
-        "std": [0.3] * channels,
-    }
-    torch.manual_seed(0)
-    save_model(folder, build_model(spec), spec)
-    return folder
-
-
-def png_bytes(pixels: np.ndarray, fmt: str = "PNG", **save: object) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format=fmt, **save)
-    return buf.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A server subprocess in its own process group, waited for with a bound, always killed (group and all)."""
-
-    def __init__(self, cmd: list[str], ready_url: str, log: Path, env: dict[str, str], timeout: float = 90) -> None:
-        self.cmd, self.ready_url, self.log, self.env, self.timeout = cmd, ready_url, log, env, timeout
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Server:
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
-            )
-        deadline = time.monotonic() + self.timeout
-        try:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"{self.cmd[:3]} exited {self.proc.returncode}:\n{self.tail()}")
-                try:
-                    if requests.get(self.ready_url, timeout=2).status_code == 200:
-                        return self
-                except requests.RequestException:
-                    pass
-                time.sleep(0.3)
-            raise AssertionError(f"{self.ready_url} not up after {self.timeout} s:\n{self.tail()}")
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=15)
-        except ProcessLookupError:
-            pass
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.is_file() else ""
-
-
-def server_env(project: Path) -> dict[str, str]:
-    """The stage environment (venv first on PATH: `mlflow models serve` execs `uvicorn` from PATH) + the store."""
-    return {**stage_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
 
 
 # ---------------------------------------------------------------- preprocessing: fast, no MLflow
@@ -219,8 +125,8 @@ def test_unusable_arrays_raise_one_line_naming_the_problem(gray: ImagePredictor,
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return trained_project(tmp_path_factory)
+def project(trained_project: Path) -> Path:
+    return trained_project
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import isolated, needs_postgres, prepared_copy, stage_env
+from tests.helpers import isolated, needs_postgres, prepared_copy, stage_env
 
 pytestmark = pytest.mark.slow
 

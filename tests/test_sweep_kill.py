@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import PG_ADMIN, ROOT, isolated, needs_postgres, prepared_copy, stage_env
+from tests.helpers import PG_ADMIN, ROOT, isolated, needs_postgres, prepared_copy, stage_env
 
 # Tiny, fast trials: the prepared train split as is, 2 epochs each, one thread, no pruning.
 FAST = [

@@ -13,6 +13,7 @@ from cnnpipe.models.factory import build_model, model_spec
 from cnnpipe.models.store import save_model
 from cnnpipe.models.transfer import backbone_modules, transfer_weights
 from cnnpipe.training.fit import fit
+from tests.helpers import stage, store
 from tests.tiny import tiny_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,10 +101,8 @@ def test_freeze_epochs_needs_init_from() -> None:
 
 
 @pytest.mark.slow
-def test_fine_tune_the_registered_champion_through_the_train_stage(tmp_path_factory: pytest.TempPathFactory) -> None:
-    from tests.test_registry import stage, store, trained_project
-
-    project = trained_project(tmp_path_factory)
+def test_fine_tune_the_registered_champion_through_the_train_stage(trained_project: Path) -> None:
+    project = trained_project
     err = stage(
         project,
         "train",

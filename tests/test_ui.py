@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -17,48 +16,14 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import BIN, stage_env
-from tests.test_registry import trained_project
-from tests.test_serving import Server, free_port
+from tests.helpers import BIN, CHROMIUM_FLAGS, Server, free_port, stage_env
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Debian's chromium; installed with apt-get on first use, or the test is skipped saying why."""
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found:
-        return found
-    if not shutil.which("apt-get") or os.geteuid() != 0:
-        pytest.skip("chromium is not installed, and installing it needs apt-get as root (apt-get install chromium)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "-o", "DPkg::Lock::Timeout=120", "install", "-y", "--no-install-recommends", "chromium"]
-    proc = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:  # stale package lists: refresh once and retry
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, text=True, timeout=300)
-        proc = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
-    found = shutil.which("chromium")
-    if not found:
-        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"chromium could not be installed (apt-get install chromium: {reason})")
-    return found
-
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return trained_project(tmp_path_factory)
+def project(trained_project: Path) -> Path:
+    return trained_project
 
 
 @pytest.fixture(scope="module")
