@@ -1,8 +1,9 @@
-"""Predict a folder of images -> predictions.csv (file, class, probability, error).
+"""Predict a folder of images -> a CSV (file, class, probability, error).
 
-Usage: python pipelines/predict.py IMAGES [--model SOURCE] [--out predictions.csv]
+Usage: python pipelines/predict.py IMAGES [--model SOURCE] [--out CSV]
 SOURCE: models:/NAME@ALIAS (default: models:/cnnpipe-<data.name>@champion), models:/NAME/VERSION, runs:/RUN/model,
 a train run id, or a local models folder (models/). Not a DVC stage: a tool for the model the pipeline made.
+CSV: default predictions/<IMAGES folder name>.csv in the project (git ignores predictions/), replaced by a re-run.
 """
 
 import argparse
@@ -27,7 +28,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("images", type=Path, help="folder of images (searched recursively)")
     parser.add_argument("--model", default=None, help="model URI, train run id, or models folder (default: champion)")
-    parser.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write (default: %(default)s)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="CSV to write (default: predictions/<IMAGES folder name>.csv in the project)",
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="images per model call (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -45,7 +51,8 @@ def main(argv: list[str]) -> None:
             root: Path | None = find_project_root(Path(__file__).resolve().parent)
         except CnnpipeError:
             root = None  # a copied script: a local models folder still works
-        run_predict(args.images.expanduser(), args.out, args.model, root, args.batch_size)
+        out = args.out.expanduser() if args.out is not None else None  # None: default_out, under the project
+        run_predict(args.images.expanduser(), out, args.model, root, args.batch_size)
     except CnnpipeError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

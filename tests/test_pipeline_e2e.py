@@ -51,6 +51,7 @@ def test_repro_writes_every_output(repro_project: Path) -> None:
         "eval/confusion.png",
         "eval/per_class.csv",
         "eval/report.md",
+        "eval/report.html",
     ):
         assert (repro_project / rel).is_file(), rel
     metrics = json.loads((repro_project / "eval/metrics.json").read_text())["test"]
@@ -93,7 +94,9 @@ def test_mlflow_run_has_params_metrics_tags_and_model(repro_project: Path) -> No
     assert len(tags["cnnpipe.data_digest"]) == 64
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"curves.png", "history.csv", "config.yaml", "eval"} <= artifacts
-    assert {"eval/report.md", "eval/confusion.png"} <= {a.path for a in client.list_artifacts(run_id, "eval")}
+    assert {"eval/report.md", "eval/report.html", "eval/confusion.png"} <= {
+        a.path for a in client.list_artifacts(run_id, "eval")
+    }
     report = (repro_project / "eval/report.md").read_text()
     assert f"| accuracy | {evaluated['acc']:.4f} |" in report and "![confusion matrix](confusion.png)" in report
     models = client.search_logged_models(experiment_ids=[exp.experiment_id])

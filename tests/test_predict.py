@@ -16,7 +16,7 @@ from cnnpipe.data.store import load_split
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.serving.predict import run_predict
 from cnnpipe.serving.predictor import ImagePredictor
-from tests.helpers import ROOT, png_bytes, stage_env, tiny_model, write_png
+from tests.helpers import ROOT, copy_project, png_bytes, stage_env, tiny_model, write_png
 
 
 def cli(*args: str, project: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -91,6 +91,43 @@ def test_cli_with_a_models_folder_warns_once_about_unreadable_files(messy_folder
     warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
     assert warnings == [f"[predict] warning: 2 unreadable image(s): rows with an error in {tmp_path / 'p.csv'}"]
     assert len(read_csv(tmp_path / "p.csv")) == 5
+
+
+def test_default_csv_is_per_folder_in_the_project_whatever_the_working_folder(
+    messy_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No --out: `<project>/predictions/<folder name>.csv`, its folder made; a re-run replaces it, and nothing
+    lands in the working folder."""
+    models, project, elsewhere = tiny_model(tmp_path / "models"), tmp_path / "project", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    expected = project / "predictions" / "images.csv"
+    for _ in range(2):
+        report = run_predict(messy_folder, None, str(models), root=project)
+        assert report.out == expected and len(read_csv(expected)) == 5
+        assert f"[predict] 5 image(s) -> {expected} (model {models})" in capsys.readouterr().err
+    assert [p.name for p in (project / "predictions").iterdir()] == ["images.csv"]  # replaced, no temp file left
+    assert not any(elsewhere.iterdir())
+    # Without a project (a copied script): ./predictions/, shown as typed from here.
+    run_predict(messy_folder, None, str(models), root=None)
+    assert len(read_csv(elsewhere / "predictions" / "images.csv")) == 5
+    assert "-> predictions/images.csv (model" in capsys.readouterr().err
+
+
+def test_cli_default_csv_is_under_predictions_which_git_ignores(messy_folder: Path, tmp_path: Path) -> None:
+    project = copy_project(tmp_path / "project")
+    models = tiny_model(tmp_path / "models")
+    proc = cli(str(messy_folder), "--model", str(models), project=project)
+    assert proc.returncode == 0, proc.stderr
+    assert f"[predict] 5 image(s) -> predictions/images.csv (model {models})" in proc.stderr.splitlines()
+    assert len(read_csv(project / "predictions" / "images.csv")) == 5
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True, check=True)
+    assert status.stdout == ""  # predictions/ is ignored: the default output never clutters `git status`
+
+
+def test_out_naming_a_folder_is_a_user_error(messy_folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(CnnpipeError, match="is a folder; --out names the CSV file to write"):
+        run_predict(messy_folder, tmp_path, str(tiny_model(tmp_path / "models")), root=None)
 
 
 # ---------------------------------------------------------------- with the trained pipeline: slow

@@ -1,8 +1,18 @@
-"""The human-readable evaluation report: a short table on the terminal and eval/report.md."""
+"""The human-readable evaluation report: a short table on the terminal, eval/report.md and eval/report.html.
+
+The report's content is built once (`report_content`) and rendered twice. report.md is for the terminal, git and
+editors (its relative image link works there); report.html is for MLflow's artifact viewer, which renders
+markdown but shows a relative image as its link text and strips `data:` images from markdown, while it shows
+HTML in a sandboxed iframe where an image embedded as a `data:` URI displays. So report.html carries the
+confusion picture inside itself and needs no other file.
+"""
 
 from __future__ import annotations
 
+import base64
+import html
 import re
+from dataclasses import dataclass
 
 from cnnpipe.evaluation.metrics import TestMetrics
 
@@ -14,6 +24,14 @@ SUMMARY_NAMES = {
     "ece": "calibration error (ECE)",
     "loss": "cross-entropy",
 }
+
+TITLE = "Evaluation report"
+PER_CLASS = "Per class"
+CONFUSION = "Confusion matrix"
+CONFUSION_NOTE = "Rows: actual class; columns: predicted."
+CONFUSION_ALT = "confusion matrix"
+SUMMARY_HEADER = ("metric", "value")
+PER_CLASS_HEADER = ("class", "precision", "recall", "F1", "support")
 
 
 # Class names are data: `a|b` would split a table cell, a newline end the table, `<script>`, `[x](y)`, `$x$`, `*`
@@ -32,40 +50,140 @@ def md_text(text: str) -> str:
     return _CONTROL.sub(lambda m: f"\\\\x{ord(m.group()):02x}", text)
 
 
+def html_text(text: str) -> str:
+    """`text` as literal HTML text, shown as md_text shows it: line breaks as `<br>`, other control characters
+    (not allowed in HTML) as `\\xNN`; `<`, `&` and quotes escaped, so it is safe in an element or an attribute."""
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+    return _LINE_BREAK.sub("<br>", html.escape(text, quote=True))
+
+
 def summary_table(m: TestMetrics) -> str:
     """A few aligned lines for the terminal."""
     width = max(len(v) for v in SUMMARY_NAMES.values())
     return "\n".join(f"  {SUMMARY_NAMES[k]:<{width}}  {v:.4f}" for k, v in m.summary.items())
 
 
-def report_markdown(m: TestMetrics, classes: list[str], n_test: int, run_id: str | None, model: str) -> str:
-    lines = [
-        "# Evaluation report",
-        "",
-        f"Model `{model}` on the test split ({n_test} images)" + (f", MLflow run `{run_id}`." if run_id else "."),
-        "",
-        "| metric | value |",
-        "|---|---|",
-        *(f"| {SUMMARY_NAMES[k]} | {v:.4f} |" for k, v in m.summary.items()),
-        "",
-        "## Per class",
-        "",
-        "| class | precision | recall | F1 | support |",
-        "|---|---|---|---|---|",
-    ]
+@dataclass(frozen=True)
+class ReportContent:
+    """What the report says, with values formatted once: both renderings read only this, so they cannot
+    disagree. Class names stay raw; each renderer escapes them for its format."""
+
+    model: str
+    n_test: int
+    run_id: str | None
+    summary: list[tuple[str, str]]  # (metric name, value)
+    per_class: list[tuple[str, str, str, str, str]]  # (class, precision, recall, F1, support)
+
+
+def report_content(m: TestMetrics, classes: list[str], n_test: int, run_id: str | None, model: str) -> ReportContent:
+    """The one place the report's content is decided (what rows, how numbers are written)."""
     pc = m.per_class
-    for i, name in enumerate(classes):
-        lines.append(
-            f"| {md_text(name)} | {pc['precision'][i]:.4f} | {pc['recall'][i]:.4f} | {pc['f1'][i]:.4f} | "
-            f"{int(pc['support'][i])} |"
-        )
-    lines += [
+    return ReportContent(
+        model=model,
+        n_test=n_test,
+        run_id=run_id,
+        summary=[(SUMMARY_NAMES[k], f"{v:.4f}") for k, v in m.summary.items()],
+        per_class=[
+            (
+                name,
+                f"{pc['precision'][i]:.4f}",
+                f"{pc['recall'][i]:.4f}",
+                f"{pc['f1'][i]:.4f}",
+                str(int(pc["support"][i])),
+            )
+            for i, name in enumerate(classes)
+        ],
+    )
+
+
+def render_markdown(r: ReportContent) -> str:
+    """report.md: the picture is the file beside it (confusion.png), as git hosts and editors show it."""
+
+    def row(cells: tuple[str, ...]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    lines = [
+        f"# {TITLE}",
         "",
-        "## Confusion matrix",
+        f"Model `{r.model}` on the test split ({r.n_test} images)"
+        + (f", MLflow run `{r.run_id}`." if r.run_id else "."),
         "",
-        "Rows: actual class; columns: predicted.",
+        row(SUMMARY_HEADER),
+        "|---|---|",
+        *(row(cells) for cells in r.summary),
         "",
-        "![confusion matrix](confusion.png)",
+        f"## {PER_CLASS}",
+        "",
+        row(PER_CLASS_HEADER),
+        "|---|---|---|---|---|",
+        *(row((md_text(name), *values)) for name, *values in r.per_class),
+        "",
+        f"## {CONFUSION}",
+        "",
+        CONFUSION_NOTE,
+        "",
+        f"![{CONFUSION_ALT}](confusion.png)",
         "",
     ]
     return "\n".join(lines)
+
+
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:1rem;color:#111;background:#fff}"
+    "table{border-collapse:collapse;margin:.5rem 0 1rem}"
+    "th,td{border:1px solid #ccc;padding:.2rem .6rem;text-align:left}"
+    "td.n{text-align:right;font-variant-numeric:tabular-nums}"
+    "img{max-width:100%;height:auto}"
+)
+
+
+def render_html(r: ReportContent, confusion_png: bytes) -> str:
+    """report.html: one self-contained page, the picture embedded as a `data:` URI (no other file to fetch),
+    UTF-8 declared (MLflow shows it from a Blob without a charset, so non-ASCII class names need the meta)."""
+
+    def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+        """First column a name, the others numbers (right-aligned)."""
+        head = "".join(f"<th>{html_text(h)}</th>" for h in header)
+        body = "".join(
+            f"<tr><td>{html_text(name)}</td>"
+            + "".join(f'<td class="n">{html_text(v)}</td>' for v in values)
+            + "</tr>\n"
+            for name, *values in rows
+        )
+        return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
+
+    run = f", MLflow run <code>{html_text(r.run_id)}</code>." if r.run_id else "."
+    picture = base64.b64encode(confusion_png).decode("ascii")
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en">',
+            "<head>",
+            '<meta charset="utf-8">',
+            f"<title>{html_text(TITLE)}</title>",
+            f"<style>{_STYLE}</style>",
+            "</head>",
+            "<body>",
+            f"<h1>{html_text(TITLE)}</h1>",
+            f"<p>Model <code>{html_text(r.model)}</code> on the test split ({r.n_test} images){run}</p>",
+            table(SUMMARY_HEADER, r.summary),
+            f"<h2>{html_text(PER_CLASS)}</h2>",
+            table(PER_CLASS_HEADER, r.per_class),
+            f"<h2>{html_text(CONFUSION)}</h2>",
+            f"<p>{html_text(CONFUSION_NOTE)}</p>",
+            f'<img src="data:image/png;base64,{picture}" alt="{html_text(CONFUSION_ALT)}">',
+            "</body>",
+            "</html>",
+            "",
+        ]
+    )
+
+
+def report_markdown(m: TestMetrics, classes: list[str], n_test: int, run_id: str | None, model: str) -> str:
+    return render_markdown(report_content(m, classes, n_test, run_id, model))
+
+
+def report_html(
+    m: TestMetrics, classes: list[str], n_test: int, run_id: str | None, model: str, confusion_png: bytes
+) -> str:
+    return render_html(report_content(m, classes, n_test, run_id, model), confusion_png)

@@ -16,7 +16,7 @@ from cnnpipe.data.store import load_split
 from cnnpipe.errors import DataError
 from cnnpipe.evaluation.metrics import TestMetrics, classification_metrics, per_class_metric_names, predict_logits
 from cnnpipe.evaluation.plots import plot_confusion
-from cnnpipe.evaluation.report import report_markdown, summary_table
+from cnnpipe.evaluation.report import render_html, render_markdown, report_content, summary_table
 from cnnpipe.models.store import load_published
 from cnnpipe.tracking.registry import register_run_model, registered_model_name
 from cnnpipe.tracking.runs import log_into_run
@@ -84,17 +84,20 @@ def run_evaluation(cfg: Config, root: Path) -> dict[str, Any]:
     write_text_atomic(out / "per_class.csv", per_class_csv(m, classes))
     plot_confusion(m.confusion.numpy(), classes, out / "confusion.png")
     run_id = run_info.get("run_id") if run_info else None
-    write_text_atomic(out / "report.md", report_markdown(m, classes, len(labels), run_id, spec["model"]["name"]))
+    report = report_content(m, classes, len(labels), run_id, spec["model"]["name"])
+    write_text_atomic(out / "report.md", render_markdown(report))  # for git and editors: links confusion.png
+    write_text_atomic(out / "report.html", render_html(report, (out / "confusion.png").read_bytes()))  # for MLflow
 
     if run_id:
         run = log_into_run(cfg.tracking.uri, root, run_id)
         run.log_metrics({f"test/{k}": v for k, v in m.summary.items()}, step=0)
         f1_names = per_class_metric_names("test/f1", classes)  # class names are data: made MLflow-safe
         run.log_metrics(dict(zip(f1_names, m.per_class["f1"], strict=True)), step=0)
-        for name in ("metrics.json", "per_class.csv", "confusion.png", "confusion.json", "report.md"):
+        for name in ("metrics.json", "per_class.csv", "confusion.png", "confusion.json", "report.md", "report.html"):
             run.log_artifact(out / name, "eval")
         run.set_tags({"cnnpipe.evaluated": "true"})
         if cfg.tracking.register:
             register(cfg, root, run_id, m.summary)
-    info("evaluate", f"test split, {len(labels)} images:\n{summary_table(m)}\n  report: {out / 'report.md'}")
+    reports = f"{out / 'report.md'}, {out / 'report.html'}"
+    info("evaluate", f"test split, {len(labels)} images:\n{summary_table(m)}\n  report: {reports}")
     return m.summary

@@ -1,4 +1,7 @@
-"""A folder of images -> predictions.csv (file, class, probability, error), with a saved or registered model.
+"""A folder of images -> a CSV (file, class, probability, error), with a saved or registered model.
+
+The CSV goes where `--out` says, else to `predictions/<folder name>.csv` in the project (a folder git ignores),
+never into whatever folder the command happens to run in: a re-run on the same folder replaces that file.
 
 The model is any of: a local models folder (model.safetensors + model.json, no MLflow involved), a train run id,
 or an MLflow model URI (`models:/cnnpipe-digits@champion`, the default). Every image goes to the model as its
@@ -28,6 +31,7 @@ from cnnpipe.serving.predictor import ImagePredictor
 
 COLUMNS = ("file", "class", "probability", "error")
 CHAMPION = "champion"
+PREDICTIONS_DIR = "predictions"  # in .gitignore
 
 PredictFn = Callable[[list[bytes]], pd.DataFrame]
 
@@ -44,6 +48,21 @@ def default_model_uri(cfg: Config) -> str:
     from cnnpipe.tracking.registry import registered_model_name
 
     return f"models:/{registered_model_name(cfg.tracking.registered_model, cfg.data.name)}@{CHAMPION}"
+
+
+def default_out(images: Path, root: Path | None) -> Path:
+    """`<root>/predictions/<images folder name>.csv`: one file per folder, beside the project's other outputs
+    whatever the working directory, and out of git's way; `./predictions/` when there is no project."""
+    name = Path(os.path.abspath(images.expanduser())).name or "root"  # `.`, `..`: their folder's name; `/`: none
+    return (root if root is not None else Path()) / PREDICTIONS_DIR / f"{name}.csv"
+
+
+def shown(path: Path) -> str:
+    """A default `path` as the user would type it from here: relative when under the working directory."""
+    try:
+        return str(Path(os.path.abspath(path)).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def is_model_uri(source: str) -> bool:
@@ -150,14 +169,23 @@ def _predict_batch(folder: Path, files: list[Path], predict: PredictFn) -> list[
     return rows
 
 
-def run_predict(images: Path, out: Path, model: str | None, root: Path | None, batch_size: int = 256) -> PredictReport:
+def run_predict(
+    images: Path, out: Path | None, model: str | None, root: Path | None, batch_size: int = 256
+) -> PredictReport:
     """What `pipelines/predict.py` does: resolve the model (default: the configured dataset's champion),
-    predict the folder, write `out`, say what happened on stderr."""
+    predict the folder, write `out` (default: `default_out`), say what happened and where on stderr."""
     from cnnpipe.config import load_config
     from cnnpipe.console import info, warn
 
-    if not images.is_dir():  # before loading any model: the cheap mistake first
+    if not images.is_dir():  # before loading any model: the cheap mistakes first
         raise DataError(f"{images}: not a folder")
+    if out is None:
+        out = default_out(images, root)
+        where = shown(out)
+    else:
+        where = str(out)  # as the user typed it
+    if out.is_dir():
+        raise DataError(f"{out}: is a folder; --out names the CSV file to write")
     local = model is not None and not is_model_uri(model) and Path(model).expanduser().is_dir()
     cfg = None if local or root is None else load_config([], root=root)
     if model is None:
@@ -166,7 +194,7 @@ def run_predict(images: Path, out: Path, model: str | None, root: Path | None, b
         model = default_model_uri(cfg)
     predict = load_predict_fn(model, cfg, root)
     report = predict_folder(images, predict, out, batch_size)
-    info("predict", f"{report.images} image(s) -> {out} (model {model})")
+    info("predict", f"{report.images} image(s) -> {where} (model {model})")
     if report.unreadable:
-        warn("predict", f"{report.unreadable} unreadable image(s): rows with an error in {out}")
+        warn("predict", f"{report.unreadable} unreadable image(s): rows with an error in {where}")
     return report
