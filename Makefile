@@ -12,9 +12,11 @@ UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
 PYTEST_ARGS ?=
 
-.PHONY: setup run sweep test lint ui params bench
+.PHONY: setup run sweep test lint ui params bench plots compare
 
-setup: $(STAMP)
+PLOTS_TEMPLATE := .dvc/plots-offline.html
+
+setup: $(STAMP) $(PLOTS_TEMPLATE)
 
 # torch goes in first, pinned, so no other requirement can pull a newer (CUDA, several GB) build.
 $(STAMP): pyproject.toml requirements.lock
@@ -25,11 +27,20 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-run: $(STAMP)
+# DVC's plot page loads Vega from a CDN; this template inlines it (vl-convert-python), so the page renders offline.
+# It is also set as this clone's plots.html_template (.dvc/config.local): plain `dvc plots show/diff` use it too.
+$(PLOTS_TEMPLATE): $(STAMP)
+	$(BIN)/python -m cnnpipe.offline_plots
+	$(BIN)/dvc config --local plots.html_template plots-offline.html
+	touch $@
+
+# `dvc repro` ends with "Use `dvc push` ..." even where no DVC remote is configured: that line only with a remote.
+run: $(STAMP) $(PLOTS_TEMPLATE)
 	test -d .git || git init -q
-	$(BIN)/dvc repro
+	set -o pipefail; if [ -n "$$($(BIN)/dvc remote list)" ]; then $(BIN)/dvc repro; \
+	    else $(BIN)/dvc repro | sed -u '/dvc push/d'; fi
 	@echo; $(BIN)/dvc metrics show; echo
-	@echo "Compare runs in the MLflow UI: make ui"
+	@echo "Compare runs: make ui (MLflow), make compare (DVC experiments), make plots (curves, confusion)"
 
 # A larger study (conf/sweep/large.yaml: 40 trials, 2 workers) as a DVC experiment: the pipeline re-runs from
 # the sweep on, and `dvc exp show` / the MLflow UI show the result. Extra settings: make sweep SET="-S sweep.n_trials=80"
@@ -52,8 +63,18 @@ lint: $(STAMP)
 params: $(STAMP)
 	$(BIN)/python -m cnnpipe.config compose --out params.yaml
 
+# Prints the URL of the runs table (MLflow 3 opens on its GenAI pages otherwise), then serves the project's store.
 ui: $(STAMP)
-	@echo "MLflow UI: http://$(UI_HOST):$(UI_PORT)"
+	$(BIN)/python pipelines/ui.py --host $(UI_HOST) --port $(UI_PORT)
 	$(BIN)/mlflow server --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" \
 	    --default-artifact-root "$(CURDIR)/mlartifacts" \
 	    --host $(UI_HOST) --port $(UI_PORT) --workers 1
+
+# Training curves and confusion matrix as one offline page: make plots [PLOTS_ARGS="diff HEAD~1"]
+plots: $(STAMP) $(PLOTS_TEMPLATE)
+	$(BIN)/python pipelines/plots.py $(PLOTS_ARGS)
+
+# DVC experiments side by side, only the params and metrics that differ (no dependency-hash columns).
+COMPARE_FLAGS ?= --only-changed --drop '/' --no-pager
+compare: $(STAMP)
+	$(BIN)/dvc exp show $(COMPARE_FLAGS) $(COMPARE_ARGS)

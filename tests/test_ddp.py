@@ -71,7 +71,7 @@ def test_ddp_run_is_one_mlflow_run_with_one_model(trained: Path) -> None:
     run_id = json.loads((trained / "models-ddp" / "run.json").read_text())["run_id"]
     assert runs[0].info.run_id == run_id and runs[0].info.status == "FINISHED"
     assert runs[0].data.params["trainer.devices"] == "2"
-    assert [m.step for m in client.get_metric_history(run_id, "val/acc")] == [0, 1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run_id, "val/acc")] == [1, 2, 3, 4, 5]
     assert not any((trained / "checkpoints").rglob("*.ckpt"))  # one checkpoint folder, cleaned after success
 
 

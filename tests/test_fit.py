@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_fit_without_checkpoints_returns_the_final_net_and_history() -> None:
     meta, train, val = tiny_data()
     result = fit(config("train.epochs=4"), meta, train, val, ckpt_dir=None, quiet=True)
-    assert [r["epoch"] for r in result.history] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]
     assert all({"train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro"} <= set(r) for r in result.history)
     assert result.history[-1]["train/loss"] < result.history[0]["train/loss"]
     assert result.best_score is None  # no checkpointing: nothing to pick a best from

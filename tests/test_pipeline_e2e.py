@@ -80,7 +80,7 @@ def test_mlflow_run_has_params_metrics_tags_and_model(repro_project: Path) -> No
     assert run.data.tags["cnnpipe.sweep_best_trial"] == str(best["best_trial"])
     epochs = best["params"]["train.epochs"]
     history = client.get_metric_history(run_id, "val/acc")
-    assert [m.step for m in history] == list(range(epochs))
+    assert [m.step for m in history] == list(range(1, epochs + 1))  # epochs count from 1, as printed
     for key in ("train/loss", "val/loss", "val/f1_macro"):
         assert len(client.get_metric_history(run_id, key)) == epochs, key
     sweep_parent = client.get_run(best["mlflow_parent_run_id"])
@@ -211,7 +211,7 @@ def test_dvc_plots_metrics_and_params_across_commits(repro_project: Path) -> Non
     assert {"training curves", "eval/confusion.json", "eval/confusion.png", "models/curves.png"} <= set(plots)
     assert plots["training curves"][0]["type"] == "vega" and plots["eval/confusion.json"][0]["type"] == "vega"
     epochs = {int(row["epoch"]) for row in plots["training curves"][0]["content"]["data"]["values"]}
-    assert epochs == set(range(len(epochs))) and epochs
+    assert epochs == set(range(1, len(epochs) + 1)) and epochs
     # HEAD~1 is the project as copied (default params, no metrics); HEAD is after the shortened repro.
     params = json.loads(dvc("params", "diff", "HEAD~1", "--json", cwd=repro_project).stdout)["params.yaml"]
     assert params["sweep.n_trials"]["old"] == 8 and params["sweep.n_trials"]["new"] < 8  # the shortened sweeps

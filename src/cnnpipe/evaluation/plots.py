@@ -22,7 +22,7 @@ def _save(fig: plt.Figure, path: Path) -> None:
 def plot_curves(rows: list[dict[str, float]], path: Path) -> None:
     """Loss and accuracy per epoch, train vs val."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = [r["epoch"] + 1 for r in rows]
+    epochs = [r["epoch"] for r in rows]
     for key, ax in (
         ("train/loss", ax_loss),
         ("val/loss", ax_loss),

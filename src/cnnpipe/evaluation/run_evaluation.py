@@ -18,6 +18,7 @@ from cnnpipe.evaluation.metrics import TestMetrics, classification_metrics, per_
 from cnnpipe.evaluation.plots import plot_confusion
 from cnnpipe.evaluation.report import render_html, render_markdown, report_content, summary_table
 from cnnpipe.models.store import load_published
+from cnnpipe.tracking.datasets import split_inputs
 from cnnpipe.tracking.registry import register_run_model, registered_model_name
 from cnnpipe.tracking.runs import log_into_run
 
@@ -62,7 +63,8 @@ def register(cfg: Config, root: Path, run_id: str, metrics: dict[str, float]) ->
 def run_evaluation(cfg: Config, root: Path) -> dict[str, Any]:
     models_dir, out = root / cfg.paths.models, root / cfg.paths.eval
     net, spec, run_info = load_published(models_dir)  # model + run.json under the shared lock, sha256 checked
-    test = load_split(root / cfg.paths.prepared / "test.npz")
+    test_file = root / cfg.paths.prepared / "test.npz"
+    test = load_split(test_file)
     classes = spec["classes"]
     if list(test.images.shape[1:]) != list(spec["in_shape"]):
         raise DataError(
@@ -91,6 +93,7 @@ def run_evaluation(cfg: Config, root: Path) -> dict[str, Any]:
     if run_id:
         run = log_into_run(cfg.tracking.uri, root, run_id)
         run.log_metrics({f"test/{k}": v for k, v in m.summary.items()}, step=0)
+        run.log_inputs(split_inputs(cfg.data.name, {"test": (test_file, test)}), root)
         f1_names = per_class_metric_names("test/f1", classes)  # class names are data: made MLflow-safe
         run.log_metrics(dict(zip(f1_names, m.per_class["f1"], strict=True)), step=0)
         for name in ("metrics.json", "per_class.csv", "confusion.png", "confusion.json", "report.md", "report.html"):

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from cnnpipe.console import warn
 from cnnpipe.processes import owner_alive, owner_token
 from cnnpipe.redact import mask_secrets
+from cnnpipe.tracking.datasets import SplitInput, dataset_input
 from cnnpipe.tracking.uri import artifact_location, resolve_tracking_uri
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
@@ -25,13 +26,24 @@ END_REASON_TAG = "cnnpipe.end_reason"  # why a run was closed by someone other t
 OPEN = ("RUNNING", "SCHEDULED")
 
 
+# MLflow 3's UI asks which kind an untagged experiment is (GenAI or machine learning) and opens GenAI's pages for
+# the former; the tag answers it: a model-training experiment, whose landing tab is Runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"
+
+
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_uri: str) -> str:
-    """Experiment id by name; created with artifacts under the project. Safe when two processes race."""
+    """Experiment id by name; created with artifacts under the project, tagged as model development. Safe when
+    two processes race."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # made by an older cnnpipe, or by hand
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_uri)
+        return client.create_experiment(
+            name, artifact_location=artifact_uri, tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT}
+        )
     except MlflowException:
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -66,6 +78,10 @@ class RunLogger:
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_inputs(self, items: list[SplitInput], root: Path) -> None:
+        """The data splits this run read, as MLflow dataset inputs (the runs table's Dataset column)."""
+        self.client.log_inputs(self.run_id, datasets=[dataset_input(item, root) for item in items])
 
 
 def _param_value(value: Any) -> str:

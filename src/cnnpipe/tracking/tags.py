@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 from cnnpipe import __version__
+from cnnpipe.tracking.names import dvc_tags
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -32,4 +33,5 @@ def run_tags(root: Path, stage: str, dataset: str, data_digest: str) -> dict[str
         "cnnpipe.data_digest": data_digest,
         "cnnpipe.version": __version__,
         **git_tags(root),
+        **dvc_tags(),
     }

@@ -34,20 +34,18 @@ class EpochHistory(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        epoch = trainer.current_epoch + 1  # epochs count from 1 everywhere a user reads them: terminal, CSV, MLflow
         loss = metrics.get("train/loss")
         if loss is not None and not math.isfinite(loss):
-            raise NonFiniteLoss(
-                f"train/loss is {loss} at epoch {trainer.current_epoch}: lower optim.lr or set train.grad_clip"
-            )
+            raise NonFiniteLoss(f"train/loss is {loss} at epoch {epoch}: lower optim.lr or set train.grad_clip")
         if not trainer.is_global_zero:
             return
         if trainer.optimizers:
             metrics["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
         metrics["epoch_time_s"] = time.monotonic() - self._t0
-        epoch = trainer.current_epoch
         self.rows.append({"epoch": epoch, **metrics})
         for sink in self.sinks:
             sink(metrics, epoch)
         if not self.quiet:
             shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in ("train/loss", "val/loss", "val/acc") if k in metrics)
-            info(self.stage, f"epoch {epoch + 1}/{trainer.max_epochs}  {shown}")
+            info(self.stage, f"epoch {epoch}/{trainer.max_epochs}  {shown}")

@@ -107,6 +107,6 @@ def fit(
         state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)
         module.load_state_dict(state["state_dict"])
         best_score = float(ckpt.best_model_score) if ckpt.best_model_score is not None else None
-        best_epoch = int(state.get("epoch", -1))
+        best_epoch = int(state.get("epoch", -1)) + 1  # Lightning counts from 0, the history from 1
     net = getattr(module.net, "_orig_mod", module.net)  # the plain module behind torch.compile
     return FitResult(net.cpu().eval(), spec, history.rows, best_score, best_epoch, trainer)

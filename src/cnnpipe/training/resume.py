@@ -162,7 +162,9 @@ def _history(folder: Path, epoch: int | None) -> list[dict[str, float]]:
         return []
     if not isinstance(rows, list):
         return []
-    return [r for r in rows if isinstance(r, dict) and (epoch is None or r.get("epoch", 0) <= epoch)]
+    return [
+        r for r in rows if isinstance(r, dict) and (epoch is None or r.get("epoch", 0) <= epoch + 1)
+    ]  # rows count from 1
 
 
 def _claim(folder: Path) -> bool:

@@ -19,7 +19,9 @@ from cnnpipe.errors import DataError
 from cnnpipe.evaluation.plots import plot_curves
 from cnnpipe.models.store import RUN_FILE, SPEC, SPEC_SHA, WEIGHTS, WEIGHTS_SHA, file_sha256, publish_model, save_model
 from cnnpipe.redact import mask_secrets
+from cnnpipe.tracking.datasets import combined_digest, split_inputs
 from cnnpipe.tracking.model_logging import log_image_model
+from cnnpipe.tracking.names import experiment_name, run_label
 from cnnpipe.tracking.runs import close_run, connect, tracked_run
 from cnnpipe.tracking.tags import run_tags
 from cnnpipe.training.distributed import launch_rank
@@ -38,10 +40,6 @@ from cnnpipe.training.resume import (
 HISTORY_COLUMNS = ("epoch", "train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro", "lr")
 # What the train stage publishes to models/, as one unit (run.json last, naming the run and the weights' sha256).
 OUTPUTS = [WEIGHTS, SPEC, "history.csv", "curves.png", "config.yaml", RUN_FILE]
-
-
-def experiment_name(cfg: Config) -> str:
-    return cfg.tracking.experiment or f"cnnpipe-{cfg.data.name}"
 
 
 def history_csv(rows: list[dict[str, float]]) -> str:
@@ -100,7 +98,8 @@ def run_training(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()
     train_file, val_file = augmented / "train.npz", prepared / "val.npz"
     train, val = load_split(train_file, mmap=True, meta=meta), load_split(val_file, mmap=True, meta=meta)
     out = root / cfg.paths.models
-    tags = {**run_tags(root, "train", cfg.data.name, file_sha256(train_file, val_file)), **hparam_tags}
+    inputs = split_inputs(cfg.data.name, {"train": (train_file, train), "val": (val_file, val)})
+    tags = {**run_tags(root, "train", cfg.data.name, combined_digest(inputs)), **hparam_tags}
     info(
         "train",
         f"{len(train.labels)} train / {len(val.labels)} val images, model {cfg.model.name}, {cfg.train.epochs} epochs",
@@ -131,7 +130,7 @@ def run_training(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()
         cfg.tracking.uri,
         root,
         experiment_name(cfg),
-        f"train-{cfg.model.name}",
+        f"train-{run_label()}",
         tags,
         reopen_run_id=resumable.run_id if resumable else None,
     ) as run:
@@ -143,13 +142,11 @@ def run_training(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()
             )
         else:
             info("train", f"MLflow run {run.run_id} in {mask_secrets(run.uri)}")
+        # The same param keys as the sweep's trials (the config, nothing else): MLflow's compare view offers the
+        # params whose values differ, and a key only one run has would count as one. Split sizes are in the inputs.
         run.log_params(flatten(as_dict(cfg)), only_new=bool(resumable))
-        counts = {
-            "data.num_train": len(train.labels),
-            "data.num_val": len(val.labels),
-            "data.num_classes": meta["num_classes"],
-        }
-        run.log_params(counts, only_new=bool(resumable))
+        if not resumable:
+            run.log_inputs(inputs, root)
         started = time.time()
         folder = start_checkpoints(cfg, ckpt_root, run.run_id)
         history = HistoryFile(folder, resumable.history if resumable else [])
@@ -195,7 +192,7 @@ def run_training(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()
         previous, published_at = publish_model(staged, out, OUTPUTS)
         _say_published(out, run.run_id, previous, published_at, started)
         finish_checkpoints(folder)
-    info("train", f"best {cfg.train.monitor} {_short(result.best_score)} at epoch {(result.best_epoch or 0) + 1}")
+    info("train", f"best {cfg.train.monitor} {_short(result.best_score)} at epoch {result.best_epoch}")
     return summary
 
 

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 from cnnpipe.config import Config, as_dict, flatten, with_values
 from cnnpipe.console import info
 from cnnpipe.data.store import Split
+from cnnpipe.tracking.datasets import SplitInput, combined_digest
 from cnnpipe.tracking.runs import tracked_run
 from cnnpipe.tracking.tags import run_tags
 from cnnpipe.training.fit import fit
@@ -99,11 +100,11 @@ class TrialObjective:
         experiment: str,
         study: str,
         parent_run_id: str | None,
-        data_digest: str,
+        inputs: list[SplitInput],
     ) -> None:
         self.cfg, self.root, self.meta, self.train, self.val = cfg, root, meta, train, val
         self.experiment, self.study, self.parent_run_id = experiment, study, parent_run_id
-        self.data_digest = data_digest
+        self.inputs = inputs
         self.current: int | None = None  # number of the trial in progress, for interrupt handling
         self.label = "sweep"  # the progress lines' prefix (`sweep w1` in extra worker processes)
 
@@ -115,7 +116,7 @@ class TrialObjective:
             raise optuna.TrialPruned(f"trial {trial.number} is past sweep.n_trials (another worker started one too)")
         cfg = with_values(self.cfg, suggest(trial, self.cfg.sweep.space), source=f"trial {trial.number}")
         tags = {
-            **run_tags(self.root, "trial", cfg.data.name, self.data_digest),
+            **run_tags(self.root, "trial", cfg.data.name, combined_digest(self.inputs)),
             "cnnpipe.study": self.study,
             "cnnpipe.trial_number": str(trial.number),
         }
@@ -131,6 +132,7 @@ class TrialObjective:
         ) as run:
             trial.set_user_attr(RUN_ID_ATTR, run.run_id)
             run.log_params(flatten(as_dict(cfg)))
+            run.log_inputs(self.inputs, self.root)
             pruning = PruneOn(trial, cfg.sweep.prune_on)
             progress = self._progress(trial)
             try:
@@ -150,7 +152,7 @@ class TrialObjective:
                     raise TrialFailed(f"{cfg.sweep.metric} was never finite")
                 value = row[cfg.sweep.metric]
                 trial.set_user_attr(VAL_LOSS_ATTR, _loss(row))
-                run.log_metrics({f"best/{cfg.sweep.metric}": value}, step=len(result.history) - 1)
+                run.log_metrics({f"best/{cfg.sweep.metric}": value}, step=len(result.history))
                 state = "complete"
                 return value
             except optuna.TrialPruned as exc:

@@ -23,10 +23,10 @@ from cnnpipe.data.store import load_meta
 from cnnpipe.errors import CnnpipeError, ConfigError
 from cnnpipe.redact import mask_secrets
 from cnnpipe.threads import cpu_threads
+from cnnpipe.tracking.names import experiment_name, run_label
 from cnnpipe.tracking.runs import RunLogger, tracked_run
 from cnnpipe.tracking.tags import run_tags
 from cnnpipe.tracking.uri import resolve_tracking_uri
-from cnnpipe.training.run_training import experiment_name
 from cnnpipe.tuning.objective import VAL_LOSS_ATTR
 from cnnpipe.tuning.report import counts, trial_rows, trials_csv, write_plots
 from cnnpipe.tuning.storage import (
@@ -247,7 +247,12 @@ def run_sweep(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()) -
         f"study {name} ({len(study.trials)} trials so far, {cfg.sweep.n_trials} in total) in {mask_secrets(storage)}",
     )
     with tracked_run(
-        cfg.tracking.uri, root, experiment, f"sweep-{name}", tags, reopen_run_id=study.user_attrs.get(PARENT_ATTR)
+        cfg.tracking.uri,
+        root,
+        experiment,
+        f"sweep-{run_label()}",
+        tags,
+        reopen_run_id=study.user_attrs.get(PARENT_ATTR),
     ) as run:
         study.set_user_attr(PARENT_ATTR, run.run_id)
         run.log_params(_sweep_params(cfg), only_new=True)

@@ -18,8 +18,8 @@ from optuna.trial import TrialState
 from cnnpipe.config import Config, to_config
 from cnnpipe.console import info
 from cnnpipe.data.store import load_meta, load_split
-from cnnpipe.models.store import file_sha256
-from cnnpipe.training.run_training import experiment_name
+from cnnpipe.tracking.datasets import split_inputs
+from cnnpipe.tracking.names import experiment_name
 from cnnpipe.tuning.objective import TrialObjective
 from cnnpipe.tuning.storage import TrialRecovery, recover_dead_trials, requeue, study_is_done
 from cnnpipe.tuning.study import load_study, study_name
@@ -51,10 +51,11 @@ def run_worker(
     recovery = TrialRecovery(cfg.tracking.uri, root)
     prepared, augmented = root / cfg.paths.prepared, root / cfg.paths.augmented
     meta = load_meta(prepared)
-    train, val = load_split(augmented / "train.npz", mmap=True, meta=meta), load_split(prepared / "val.npz", mmap=True)
-    digest = file_sha256(augmented / "train.npz", prepared / "val.npz")
+    train_file, val_file = augmented / "train.npz", prepared / "val.npz"
+    train, val = load_split(train_file, mmap=True, meta=meta), load_split(val_file, mmap=True)
+    inputs = split_inputs(cfg.data.name, {"train": (train_file, train), "val": (val_file, val)})
     experiment = experiment_name(cfg)
-    objective = TrialObjective(cfg, root, meta, train, val, experiment, study_name(cfg), parent_run_id, digest)
+    objective = TrialObjective(cfg, root, meta, train, val, experiment, study_name(cfg), parent_run_id, inputs)
     objective.label = label
     if deadline is None and cfg.sweep.timeout:
         deadline = time.monotonic() + cfg.sweep.timeout
