@@ -65,7 +65,7 @@ params: $(STAMP)
 
 # Prints the URL of the runs table (MLflow 3 opens on its GenAI pages otherwise), then serves the project's store.
 ui: $(STAMP)
-	$(BIN)/python pipelines/ui.py --host $(UI_HOST) --port $(UI_PORT)
+	$(BIN)/python pipelines/ui.py --host $(UI_HOST) --port $(UI_PORT) "tracking.uri=sqlite:///$(CURDIR)/mlflow.db"
 	$(BIN)/mlflow server --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" \
 	    --default-artifact-root "$(CURDIR)/mlartifacts" \
 	    --host $(UI_HOST) --port $(UI_PORT) --workers 1
@@ -75,6 +75,6 @@ plots: $(STAMP) $(PLOTS_TEMPLATE)
 	$(BIN)/python pipelines/plots.py $(PLOTS_ARGS)
 
 # DVC experiments side by side, only the params and metrics that differ (no dependency-hash columns).
-COMPARE_FLAGS ?= --only-changed --drop '/' --no-pager
+COMPARE_FLAGS ?= --only-changed --drop '.*/' --no-pager
 compare: $(STAMP)
 	$(BIN)/dvc exp show $(COMPARE_FLAGS) $(COMPARE_ARGS)

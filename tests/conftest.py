@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import build_trained_project
+from tests.helpers import build_trained_project, clone_project
 
 # Everything in tests runs on the CPU with few threads: the machine has 2 cores.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -55,6 +55,20 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="session")
-def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shortened digits pipeline, reproduced once per session (see helpers.build_trained_project)."""
-    return build_trained_project(tmp_path_factory.mktemp("trained-project"))
+def _built_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The shortened digits pipeline, reproduced once per session (helpers.build_trained_project), and a copy
+    of it taken before any test touches it."""
+    project = build_trained_project(tmp_path_factory.mktemp("trained") / "project")
+    return project, clone_project(project, tmp_path_factory.mktemp("pristine") / "project")
+
+
+@pytest.fixture(scope="session")
+def trained_project(_built_project: tuple[Path, Path]) -> Path:
+    """The built pipeline, shared by tests that read it and add only models of their own names or paths."""
+    return _built_project[0]
+
+
+@pytest.fixture
+def fresh_trained_project(_built_project: tuple[Path, Path], tmp_path: Path) -> Path:
+    """A project of its own, as the pipeline left it: for tests that change params, outputs or the registry."""
+    return clone_project(_built_project[1], tmp_path / "project")

@@ -102,6 +102,9 @@ def test_the_best_epoch_and_the_best_trial_break_ties_by_val_loss(capsys: pytest
     rows = [{"val/acc": 0.9, "val/loss": 0.5}, {"val/acc": 1.0, "val/loss": 0.3}, {"val/acc": 1.0, "val/loss": 0.1}]
     assert best_row(rows, "val/acc", "maximize") is rows[2]
     assert best_row([{"val/acc": math.nan}], "val/acc", "maximize") is None
+    # float32 noise is a tie too: a perfect accuracy comes out as 1.0000001 in one run, 1.0 in another
+    noisy = [{"val/acc": 1.0000001192092896, "val/loss": 0.3}, {"val/acc": 1.0, "val/loss": 0.1}]
+    assert best_row(noisy, "val/acc", "maximize") is noisy[1]
     cfg = load_config([], root=ROOT)
     study = optuna.create_study(direction="maximize")
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
@@ -119,6 +122,14 @@ def test_the_best_epoch_and_the_best_trial_break_ties_by_val_loss(capsys: pytest
             optuna.trial.create_trial(value=1.0, params={"x": x}, distributions=dist, user_attrs={VAL_LOSS_ATTR: loss})
         )
     assert best_trial(tied, cfg).number == 1
+    noisy = optuna.create_study(direction="maximize")
+    for value, loss, x in ((1.0000001192092896, 0.4, 0.1), (1.0, 0.2, 0.2)):
+        noisy.add_trial(
+            optuna.trial.create_trial(
+                value=value, params={"x": x}, distributions=dist, user_attrs={VAL_LOSS_ATTR: loss}
+            )
+        )
+    assert best_trial(noisy, cfg).number == 1
     assert "all 2 complete trials tie on val/acc = 1" in capsys.readouterr().err
 
 
@@ -163,3 +174,23 @@ def test_no_sweep_runs_when_train_will_not_use_it(project: Path) -> None:
     best = yaml.safe_load((project / "sweep" / "best_params.yaml").read_text())
     assert best["params"] == {} and "train.hparams=params" in best["skipped"]
     assert MlflowClient(store).search_experiments(filter_string="name = 'cnnpipe-digits'") == []
+
+
+def test_the_best_checkpoint_takes_a_float32_tie_to_the_lower_val_loss(tmp_path: Path) -> None:
+    """BestCheckpoint's decision on a real Trainer: 1.0000001 after 1.0 is no improvement unless its loss is lower."""
+    import lightning.pytorch as pl
+    import torch
+
+    from cnnpipe.training.trainer import BestCheckpoint
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    ckpt = BestCheckpoint(dirpath=tmp_path, filename="best", monitor="val/acc", mode="max")
+    ckpt.best_k_models = {str(tmp_path / "best.ckpt"): torch.tensor(1.0)}
+    ckpt.kth_best_model_path = str(tmp_path / "best.ckpt")
+    ckpt.best_tiebreak = 0.2
+    trainer.callback_metrics["val/loss"] = torch.tensor(0.3)
+    assert not ckpt.check_monitor_top_k(trainer, torch.tensor(1.0000001192092896))  # noise, higher loss: kept
+    trainer.callback_metrics["val/loss"] = torch.tensor(0.1)
+    assert ckpt.check_monitor_top_k(trainer, torch.tensor(1.0))  # a tie with a lower loss: replaces it
+    trainer.callback_metrics["val/loss"] = torch.tensor(0.5)
+    assert ckpt.check_monitor_top_k(trainer, torch.tensor(1.01))  # a real improvement wins whatever its loss

@@ -11,18 +11,16 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import SHORT, compose_params, copy_project, dvc, make_image_folder, run
+from tests.helpers import BIN, SHORT, clone_project, compose_params, copy_project, dvc, make_image_folder, run
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def repro_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The five-stage digits pipeline, shortened, reproduced once for the tests below."""
-    project = copy_project(tmp_path_factory.mktemp("project"))
-    compose_params(project, *SHORT)
-    dvc("repro", cwd=project)
-    return project
+def repro_project(_built_project: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The five-stage digits pipeline, shortened (conftest builds it once per session), as a project of this
+    module's own: its tests change params, re-run stages and run DVC experiments in it."""
+    return clone_project(_built_project[1], tmp_path_factory.mktemp("e2e") / "project")
 
 
 def best_params(project: Path) -> dict:
@@ -167,6 +165,17 @@ def test_dvc_exp_run_composes_hydra_overrides(repro_project: Path) -> None:
     assert latest.data.params["optim.lr"] == "0.002"
     best = yaml.safe_load((repro_project / "sweep" / "best_params.yaml").read_text())
     assert "optim.lr" not in best["params"] and best["params"]
+
+    # The run names its DVC experiment (tag and run name), and `make compare` shows the experiment beside the
+    # baseline with only what differs: params and metrics, no dependency-hash columns.
+    exp_name = latest.data.tags["cnnpipe.dvc_exp"]
+    assert latest.info.run_name == f"train-{exp_name}"
+    shown = run(["make", "-o", ".venv/.installed", f"BIN={BIN}", "compare", "COMPARE_ARGS=--csv"], repro_project)
+    header, *rows = [line.split(",") for line in shown.stdout.strip().splitlines() if "," in line]
+    assert not [c for c in header if "/" in c], header
+    assert {"model.name", "optim.lr", "test.acc"} <= set(header), header
+    assert "data.name" not in header  # the same in every row
+    assert any(exp_name in row for row in rows), rows
 
 
 def test_prepare_messy_image_folder_reports_skipped(tmp_path: Path) -> None:

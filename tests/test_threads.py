@@ -124,7 +124,7 @@ def test_sweep_workers_get_their_share_in_env_and_config(cores: SetCores, monkey
 
 
 def _env_without_thread_settings() -> dict[str, str]:
-    from tests.conftest import stage_env
+    from tests.helpers import stage_env
 
     env = stage_env()
     env.pop("OMP_NUM_THREADS", None)  # stage_env pins 1: here the policy decides
@@ -141,7 +141,7 @@ def _thread_lines(stderr: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.conftest import prepared_copy
+    from tests.helpers import prepared_copy
 
     return prepared_copy(tmp_path_factory.mktemp("threads"))
 

@@ -32,6 +32,13 @@ def use_channels_last(cfg: Config) -> bool:
 
 
 TIEBREAK = "val/loss"
+# Scores closer than this are a tie (then the lower val/loss wins): float32 arithmetic gives a perfect accuracy as
+# 1.0000001 in one run and 1.0 in another, and without it rounding noise picked the best epoch and the best trial.
+TIE_TOLERANCE = 1e-6
+
+
+def within_tie(a: float, b: float) -> bool:
+    return abs(a - b) <= TIE_TOLERANCE
 
 
 class BestCheckpoint(ModelCheckpoint):
@@ -50,10 +57,11 @@ class BestCheckpoint(ModelCheckpoint):
             return False
         loss = trainer.callback_metrics.get(self.tiebreak)
         loss = float(loss) if loss is not None else math.inf
-        better = super().check_monitor_top_k(trainer, current)
-        if not better and self.monitor != self.tiebreak and self.best_k_models:
-            tie = bool(torch.eq(current, self.best_k_models[self.kth_best_model_path]))
-            better = trainer.strategy.reduce_boolean_decision(tie and loss < self.best_tiebreak)
+        kept = self.best_k_models.get(self.kth_best_model_path) if self.best_k_models else None
+        if kept is not None and self.monitor != self.tiebreak and within_tie(float(current), float(kept)):
+            better = trainer.strategy.reduce_boolean_decision(loss < self.best_tiebreak)
+        else:
+            better = super().check_monitor_top_k(trainer, current)
         if better:
             self.best_tiebreak = loss
         return better

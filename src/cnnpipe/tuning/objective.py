@@ -20,13 +20,13 @@ from cnnpipe.tracking.datasets import SplitInput, combined_digest
 from cnnpipe.tracking.runs import tracked_run
 from cnnpipe.tracking.tags import run_tags
 from cnnpipe.training.fit import fit
+from cnnpipe.training.trainer import TIEBREAK, within_tie
 from cnnpipe.tuning.space import suggest
 from cnnpipe.tuning.storage import RUN_ID_ATTR, SURPLUS_ATTR, WORKER_ATTR, is_surplus, this_worker
 
 __all__ = ["RUN_ID_ATTR", "TrialFailed", "TrialObjective", "best_row"]
 
 VAL_LOSS_ATTR = "cnnpipe.val_loss"  # val/loss at the trial's best epoch: breaks ties between trials
-TIEBREAK = "val/loss"
 
 
 class TrialFailed(Exception):
@@ -40,7 +40,8 @@ def best_row(rows: list[dict[str, float]], metric: str, direction: str) -> dict[
     if not finite:
         return None
     sign = -1.0 if direction == "maximize" else 1.0
-    return min(finite, key=lambda r: (sign * r[metric], _loss(r)))
+    top = min(sign * r[metric] for r in finite)
+    return min((r for r in finite if within_tie(sign * r[metric], top)), key=_loss)
 
 
 def _loss(row: dict[str, float]) -> float:

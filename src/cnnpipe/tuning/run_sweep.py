@@ -27,6 +27,7 @@ from cnnpipe.tracking.names import experiment_name, run_label
 from cnnpipe.tracking.runs import RunLogger, tracked_run
 from cnnpipe.tracking.tags import run_tags
 from cnnpipe.tracking.uri import resolve_tracking_uri
+from cnnpipe.training.trainer import within_tie
 from cnnpipe.tuning.objective import VAL_LOSS_ATTR
 from cnnpipe.tuning.report import counts, trial_rows, trials_csv, write_plots
 from cnnpipe.tuning.storage import (
@@ -321,7 +322,7 @@ def best_trial(study: Any, cfg: Config) -> FrozenTrial:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     sign = -1.0 if cfg.sweep.direction == "maximize" else 1.0
     top = min(sign * t.value for t in complete)
-    tied = [t for t in complete if sign * t.value == top]
+    tied = [t for t in complete if within_tie(sign * t.value, top)]
     best = min(tied, key=lambda t: (float(t.user_attrs.get(VAL_LOSS_ATTR, math.inf)), t.number))
     if len(complete) > 1 and len(tied) == len(complete):
         warn(
