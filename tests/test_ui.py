@@ -117,6 +117,15 @@ def test_rest_api_has_runs_params_metric_histories_and_sweep_nesting(
     for key in ("train/loss", "val/loss", "val/acc", "val/f1_macro"):
         history = api(ui.base, "metrics/get-history", run_id=run_id, metric_key=key)["metrics"]
         assert sorted(m["step"] for m in history) == list(range(1, epochs + 1)), key  # epochs count from 1
+    # Summaries (best/*, test/*) sit at step 0 in every run: MLflow charts them as bars across runs.
+    for run in [train, *by_stage(found, "trial"), *by_stage(found, "sweep")]:
+        for key in as_dict(run["data"]["metrics"]):
+            if key.startswith(("best/", "test/")):
+                history = api(ui.base, "metrics/get-history", run_id=run["info"]["run_id"], metric_key=key)["metrics"]
+                assert {m["step"] for m in history} == {0}, (run["info"]["run_name"], key)
+    assert as_dict(train["data"]["tags"])["cnnpipe.best_epoch"] == str(
+        json.loads((project / "models/run.json").read_text())["best_epoch"]
+    )
     metrics = as_dict(train["data"]["metrics"])
     test_acc = json.loads((project / "eval/metrics.json").read_text())["test"]["acc"]
     assert metrics["test/acc"] == pytest.approx(test_acc)

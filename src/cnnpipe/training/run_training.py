@@ -175,7 +175,10 @@ def run_training(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()
         for name in ("curves.png", "history.csv", "config.yaml", "model.json"):
             run.log_artifact(staged / name)
         if result.best_score is not None:
-            run.log_metrics({f"best/{cfg.train.monitor}": result.best_score}, step=result.best_epoch or 0)
+            # A summary, at step 0 like the test metrics: MLflow charts step-0 metrics as bars across runs (at the
+            # best epoch's step it drew one dot per run on an epoch axis). The epoch is a tag.
+            run.log_metrics({f"best/{cfg.train.monitor}": result.best_score}, step=0)
+            run.set_tags({"cnnpipe.best_epoch": str(result.best_epoch)})
         if cfg.tracking.log_model:
             log_image_model(staged, train.images[:2])  # pyfunc over the saved safetensors + spec; raw uint8 in
         summary = {

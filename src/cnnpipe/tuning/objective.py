@@ -153,7 +153,8 @@ class TrialObjective:
                     raise TrialFailed(f"{cfg.sweep.metric} was never finite")
                 value = row[cfg.sweep.metric]
                 trial.set_user_attr(VAL_LOSS_ATTR, _loss(row))
-                run.log_metrics({f"best/{cfg.sweep.metric}": value}, step=len(result.history))
+                run.log_metrics({f"best/{cfg.sweep.metric}": value}, step=0)  # a summary: charted as bars
+                run.set_tags({"cnnpipe.best_epoch": str(int(row["epoch"]))})
                 state = "complete"
                 return value
             except optuna.TrialPruned as exc:
