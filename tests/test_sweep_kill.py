@@ -361,17 +361,24 @@ def test_a_killed_postgresql_sweep_resumes_closes_the_orphaned_run_and_ends_its_
         start_new_session=True,  # a failing test kills the stage and its workers together
     )
 
+    # One storage (one connection pool) for the polling: a storage per poll left a pool of open connections
+    # behind each time, and on a slow day the test used up PostgreSQL's 100 connections.
+    storage = optuna.storages.RDBStorage(pg_url)
+
     def second_trial() -> optuna.trial.FrozenTrial | None:
         try:
-            trials = optuna.load_study(study_name=name, storage=pg_url).trials
+            trials = optuna.load_study(study_name=name, storage=storage).trials
         except KeyError:
             return None
         done = any(t.state == TrialState.COMPLETE for t in trials)
-        running = running_trial_of(lambda: optuna.load_study(study_name=name, storage=pg_url), proc.pid)
+        running = running_trial_of(lambda: optuna.load_study(study_name=name, storage=storage), proc.pid)
         return running if done else None
 
-    trial = wait_for(second_trial, 120, "a second trial to run", proc)
-    parent_before = optuna.load_study(study_name=name, storage=pg_url).user_attrs["cnnpipe.mlflow_parent_run_id"]
+    try:
+        trial = wait_for(second_trial, 120, "a second trial to run", proc)
+        parent_before = optuna.load_study(study_name=name, storage=storage).user_attrs["cnnpipe.mlflow_parent_run_id"]
+    finally:
+        storage.engine.dispose()
     os.kill(proc.pid, signal.SIGKILL)  # the stage is the only worker: killed outright
     proc.wait()
 

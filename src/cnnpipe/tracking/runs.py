@@ -79,9 +79,21 @@ class RunLogger:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_inputs(self, items: list[SplitInput], root: Path) -> None:
-        """The data splits this run read, as MLflow dataset inputs (the runs table's Dataset column)."""
-        self.client.log_inputs(self.run_id, datasets=[dataset_input(item, root) for item in items])
+    def log_inputs(self, items: list[SplitInput], root: Path, attempts: int = 3) -> None:
+        """The data splits this run read, as MLflow dataset inputs (the runs table's Dataset column).
+
+        MLflow's SQL store looks a dataset up and inserts it if missing, in two steps: two runs logging the same
+        new dataset at once (two trainings, a sweep's workers) can both insert, and one fails on the unique key.
+        The retry finds the dataset the other run stored."""
+        inputs = [dataset_input(item, root) for item in items]
+        for attempt in range(attempts):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except MlflowException:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
 
 def _param_value(value: Any) -> str:
