@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import PG_ADMIN, needs_postgres, prepared_copy, stage_env
+from tests.helpers import PG_ADMIN, free_port, needs_postgres, prepared_copy, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -178,12 +177,6 @@ def test_same_seed_deterministic_gives_identical_results(project: Path) -> None:
     assert {r.info.status for r in train_runs(client)} == {"FINISHED"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @needs_postgres
 def test_two_trainings_at_once_against_an_mlflow_server_on_postgresql(project: Path, tmp_path: Path) -> None:
     import sqlalchemy as sa
@@ -192,7 +185,7 @@ def test_two_trainings_at_once_against_an_mlflow_server_on_postgresql(project: P
     admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(sa.text(f"CREATE DATABASE {db}"))
-    port = _free_port()
+    port = free_port()
     env = {**stage_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen(
         [
