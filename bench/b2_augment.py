@@ -121,8 +121,8 @@ def run(repeats: int | None = None, quick: bool = False, threads: int = 1) -> di
     repeats = repeats or (5 if quick else 9)
     pin_threads(threads)
     quiet()
-    from cnnpipe.data.prepare import prepare_splits
     from cnnpipe.data.store import load_split
+    from cnnpipe.stages.prepare import prepare_splits
 
     cfg = bench_config(["augment=default"])
     with tempfile.TemporaryDirectory(prefix="cnnpipe-bench-b2-") as tmp:

@@ -28,9 +28,9 @@ def bench_config(overrides: list[str]) -> Any:
 def prepare_data(root: Path, cfg: Any) -> tuple[dict[str, Any], Any, Any]:
     """Run the library's prepare + augment into `root` (paths as configured, relative to it);
     returns (meta, augmented train split, val split)."""
-    from cnnpipe.data.augmented import write_augmented
-    from cnnpipe.data.prepare import prepare_splits
     from cnnpipe.data.store import load_meta, load_split
+    from cnnpipe.stages.augment import write_augmented
+    from cnnpipe.stages.prepare import prepare_splits
 
     prepare_splits(cfg, root / cfg.paths.prepared)
     write_augmented(cfg, root)
@@ -44,7 +44,7 @@ def quiet() -> None:
     """Lightning's banner off (cnnpipe's own filter), so benchmark output stays readable."""
     import logging
 
-    from cnnpipe.stage import quiet_library_noise
+    from cnnpipe.console import quiet_library_noise
 
     quiet_library_noise()
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)

@@ -3,8 +3,8 @@
 Usage: python pipelines/augment.py [overrides...]   e.g.  augment.copies=8  or  augment=none
 """
 
-from cnnpipe.data.augmented import write_augmented
-from cnnpipe.stage import run_stage
+from cnnpipe.stages.augment import write_augmented
+from cnnpipe.stages.runner import run_stage
 
 if __name__ == "__main__":
     run_stage("augment", write_augmented)

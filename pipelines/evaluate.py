@@ -3,8 +3,8 @@
 Usage: python pipelines/evaluate.py [overrides...]
 """
 
-from cnnpipe.evaluation.run_evaluation import run_evaluation
-from cnnpipe.stage import run_stage
+from cnnpipe.stages.evaluate import run_evaluation
+from cnnpipe.stages.runner import run_stage
 
 if __name__ == "__main__":
     run_stage("evaluate", run_evaluation)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.offline_plots import ensure_template, find_dvc_root
-from cnnpipe.stage import EXIT_INTERRUPTED, EXIT_USER_ERROR
+from cnnpipe.stages.runner import EXIT_INTERRUPTED, EXIT_USER_ERROR
 
 PROG = "cnnpipe plots"
 COMMANDS = ("show", "diff")

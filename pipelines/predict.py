@@ -8,20 +8,15 @@ CSV: default predictions/<IMAGES folder name>.csv in the project (git ignores pr
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
 from cnnpipe.config import find_project_root
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.serving.predict import run_predict
-from cnnpipe.stage import EXIT_INTERRUPTED, EXIT_USER_ERROR, quiet_library_noise
+from cnnpipe.stages.runner import command_errors
 
 PROG = "cnnpipe predict"
-
-
-def _sigterm_as_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -44,21 +39,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars on the terminal
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    quiet_library_noise()
-    try:
+    with command_errors(PROG):
         try:
             root: Path | None = find_project_root(Path(__file__).resolve().parent)
         except CnnpipeError:
             root = None  # a copied script: a local models folder still works
         out = args.out.expanduser() if args.out is not None else None  # None: default_out, under the project
         run_predict(args.images.expanduser(), out, args.model, root, args.batch_size)
-    except CnnpipeError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 Usage: python pipelines/prepare.py [overrides...]   e.g.  data=imagefolder data.path=~/images
 """
 
-from cnnpipe.data.prepare import prepare_splits
-from cnnpipe.stage import run_stage
+from cnnpipe.stages.prepare import prepare_splits
+from cnnpipe.stages.runner import run_stage
 
 if __name__ == "__main__":
     run_stage("prepare", lambda cfg, root: prepare_splits(cfg, root / cfg.paths.prepared))

@@ -7,8 +7,8 @@ Re-running the same config resumes its study up to sweep.n_trials in total.
 import sys
 
 from cnnpipe.config import explicit_keys
-from cnnpipe.stage import run_stage
-from cnnpipe.tuning.run_sweep import run_sweep
+from cnnpipe.stages.runner import run_stage
+from cnnpipe.stages.sweep import run_sweep
 
 if __name__ == "__main__":
     # A tuned key the user set (here, or in params.yaml apart from conf/) is pinned, not searched.

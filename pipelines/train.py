@@ -6,8 +6,8 @@ Usage: python pipelines/train.py [overrides...]   e.g.  optim.lr=0.01 model=cnn_
 import sys
 
 from cnnpipe.config import explicit_keys
-from cnnpipe.stage import run_stage
-from cnnpipe.training.run_training import run_training
+from cnnpipe.stages.runner import run_stage
+from cnnpipe.stages.train import run_training
 
 if __name__ == "__main__":
     # Keys the user set (here, or in params.yaml apart from conf/) win over the sweep's best values.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cnnpipe.config import Config
 from cnnpipe.console import info
-from cnnpipe.stage import run_stage
+from cnnpipe.stages.runner import run_stage
 from cnnpipe.tracking.names import experiment_name
 from cnnpipe.tracking.ui import prepare_ui
 

@@ -9,11 +9,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from tests.helpers import build_trained_project, clone_project
 
 # Everything in tests runs on the CPU with few threads: the machine has 2 cores.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several workers share the cores: each one's in-process torch gets one thread (an OpenMP team on a core
+    # another worker uses waits for it at every operator; see cnnpipe/threads.py). Stage subprocesses get
+    # OMP_NUM_THREADS=1 from helpers.stage_env.
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -56,10 +64,22 @@ def chromium() -> str:
 
 @pytest.fixture(scope="session")
 def _built_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The shortened digits pipeline, reproduced once per session (helpers.build_trained_project), and a copy
-    of it taken before any test touches it."""
-    project = build_trained_project(tmp_path_factory.mktemp("trained") / "project")
-    return project, clone_project(project, tmp_path_factory.mktemp("pristine") / "project")
+    """The shortened digits pipeline, reproduced once per test run (helpers.build_trained_project), and a copy
+    of it taken before any test touches it. Under pytest-xdist the first worker to ask builds it in the run's
+    shared temporary folder, holding a file lock; every worker then works on a clone of its own (a second
+    process writing the same SQLite store or registry would race)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        project = build_trained_project(tmp_path_factory.mktemp("trained") / "project")
+        return project, clone_project(project, tmp_path_factory.mktemp("pristine") / "project")
+    shared = tmp_path_factory.getbasetemp().parent / "built-pipeline"
+    with FileLock(f"{shared}.lock"):
+        if not (shared / "done").is_file():
+            shutil.rmtree(shared, ignore_errors=True)  # a build that failed half-way in another worker
+            build_trained_project(shared / "project")
+            (shared / "done").touch()
+    project = clone_project(shared / "project", tmp_path_factory.mktemp("trained") / "project")
+    return project, clone_project(shared / "project", tmp_path_factory.mktemp("pristine") / "project")
 
 
 @pytest.fixture(scope="session")

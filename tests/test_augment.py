@@ -376,9 +376,9 @@ def test_augment_stage_streams_a_memory_mapped_split_to_the_same_file(
 ) -> None:
     """write_augmented reads the prepared split as a memory map and writes chunk by chunk (chunks of 4 here):
     the file holds augment_copies' images and labels."""
-    from cnnpipe.data import augmented
     from cnnpipe.data.augment import augmented_chunks
     from cnnpipe.data.store import Split, load_split, save_split
+    from cnnpipe.stages import augment as augmented
 
     cfg = load_config([f"augment.copies={copies}", "augment.preview=6"], root=ROOT)
     rng = np.random.default_rng(3)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnpipe.data.prepare import prepare_splits
-from cnnpipe.stage import run_stage
+from cnnpipe.stages.prepare import prepare_splits
+from cnnpipe.stages.runner import run_stage
 from tests.helpers import ROOT, write_png
 
 rng = np.random.default_rng(7)

@@ -17,11 +17,11 @@ from PIL import Image
 from cnnpipe.config import SplitConfig, load_config
 from cnnpipe.data.idx import read_idx
 from cnnpipe.data.images import ImageDecodeError, decode_image
-from cnnpipe.data.prepare import prepare_splits
 from cnnpipe.data.sources import fit_images, load_digits_source, load_source
 from cnnpipe.data.split import SPLITS, stratified_split
 from cnnpipe.data.store import Split, load_meta, load_split, save_split
 from cnnpipe.errors import DataError
+from cnnpipe.stages.prepare import prepare_splits
 from tests.helpers import ROOT, make_image_folder, write_png
 from tests.tiny import conf_section, config_from
 

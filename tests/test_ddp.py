@@ -55,7 +55,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
         root,
     )
     from cnnpipe.config import load_config
-    from cnnpipe.evaluation.run_evaluation import run_evaluation
+    from cnnpipe.stages.evaluate import run_evaluation
 
     for kind in ("single", "ddp"):  # in-process: evaluation is not what is tested here
         cfg = load_config([*COMMON, uri, f"paths.models=models-{kind}", f"paths.eval=eval-{kind}"], root=root)

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from cnnpipe.data.images import decode_image
+from cnnpipe.data.inputs import to_batch
 from cnnpipe.models.factory import build_model
+from cnnpipe.models.predictor import ImagePredictor
 from cnnpipe.models.store import save_model
-from cnnpipe.serving.images import to_batch
-from cnnpipe.serving.predictor import ImagePredictor
 from tests.helpers import ROOT, stage_env
 
 BIG = 9400  # 88.4 M pixels: under Pillow's bomb limit (89.5 M), a ~100 KB PNG when constant
@@ -108,7 +108,7 @@ def test_a_large_image_is_downscaled_as_read_and_still_classified_alike(
 PROBE = """
 import json, resource, sys, threading
 from pathlib import Path
-from cnnpipe.serving.predictor import ImagePredictor
+from cnnpipe.models.predictor import ImagePredictor
 predictor = ImagePredictor.from_folder(Path(sys.argv[1]))
 data = Path(sys.argv[2]).read_bytes()
 predictor.predict([b"warm-up: not an image"])

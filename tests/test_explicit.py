@@ -17,9 +17,9 @@ from mlflow.tracking import MlflowClient
 
 from cnnpipe.config import compose, explicit_keys, load_config
 from cnnpipe.errors import ConfigError
-from cnnpipe.training.run_training import apply_hparams
+from cnnpipe.stages.sweep import best_trial, pin_explicit
+from cnnpipe.stages.train import apply_hparams
 from cnnpipe.tuning.objective import VAL_LOSS_ATTR, best_row
-from cnnpipe.tuning.run_sweep import best_trial, pin_explicit
 from cnnpipe.tuning.study import study_name
 from tests.helpers import ROOT, prepared_copy, stage_env
 

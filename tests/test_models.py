@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from cnnpipe.config import ModelConfig
-from cnnpipe.errors import DataError
+from cnnpipe.errors import ConfigError, DataError
 from cnnpipe.models.factory import build_model, model_spec
 from cnnpipe.models.layers import Normalize
 from cnnpipe.models.store import SPEC, WEIGHTS, load_model, save_model
@@ -20,7 +20,7 @@ from cnnpipe.training.module import ImageClassifier
 from tests.helpers import ROOT
 from tests.tiny import conf_section
 
-MODELS = ("cnn", "cnn_bn", "resnet_small")
+MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))  # every committed conf/model option
 SHAPES = ((1, 8, 8), (1, 28, 28), (3, 32, 32))
 
 
@@ -90,9 +90,10 @@ def test_batch_norm_and_dropout_follow_the_config() -> None:
 
 
 def test_unknown_model_name() -> None:
+    """A spec naming no registered family (an old models/model.json, a conf/ option without a builder)."""
     spec = model_spec(conf_section("model"), meta((1, 8, 8)))
     spec["model"]["name"] = "vgg"
-    with pytest.raises(ValueError, match="vgg"):
+    with pytest.raises(ConfigError, match=r"^model\.name must be one of .*cnn.*, got 'vgg'$"):
         build_model(spec)
 
 

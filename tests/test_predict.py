@@ -14,8 +14,8 @@ import pytest
 from cnnpipe.data.images import decode_image
 from cnnpipe.data.store import load_split
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.models.predictor import ImagePredictor
 from cnnpipe.serving.predict import run_predict
-from cnnpipe.serving.predictor import ImagePredictor
 from tests.helpers import ROOT, copy_project, png_bytes, stage_env, tiny_model, write_png
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 from cnnpipe.config import load_config
 from cnnpipe.data import augmented
 from cnnpipe.data.store import Split, save_split
+from cnnpipe.stages import augment
 from tests.helpers import ROOT
 
 
@@ -46,7 +47,7 @@ def test_preview_png_shows_every_class_beside_its_copies(tmp_path: Path) -> None
     prepared = tmp_path / cfg.paths.prepared
     prepared.mkdir(parents=True)
     save_split(prepared / "train.npz", split)
-    augmented.write_augmented(cfg, tmp_path)
+    augment.write_augmented(cfg, tmp_path)
     preview = np.asarray(Image.open(tmp_path / cfg.paths.augmented / "preview.png"))
     rows = []
     for label in range(3):
@@ -83,6 +84,6 @@ def test_preview_reads_class_names_from_meta(tmp_path: Path, monkeypatch) -> Non
         return original(*args, **kwargs)
 
     monkeypatch.setattr(augmented, "preview_picture", spy)
-    augmented.write_augmented(cfg, tmp_path)
+    augment.write_augmented(cfg, tmp_path)
     assert seen["classes"] == ["cat", "dog"]
     assert (tmp_path / cfg.paths.augmented / "preview.png").is_file()

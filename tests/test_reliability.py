@@ -147,8 +147,8 @@ def test_same_seed_deterministic_gives_identical_results(project: Path) -> None:
     """Two train + evaluate runs with the same seed: identical weights and test metrics. In-process (the
     stages' own functions), as process start-up would double the test's time."""
     from cnnpipe.config import load_config
-    from cnnpipe.evaluation.run_evaluation import run_evaluation
-    from cnnpipe.training.run_training import run_training
+    from cnnpipe.stages.evaluate import run_evaluation
+    from cnnpipe.stages.train import run_training
 
     uri, client = store(project, "determinism")
     results = []

@@ -58,7 +58,7 @@ class Cells(HTMLParser):
 def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The evaluate stage in-process on a tiny untrained model and 12 test images (no run.json: no MLflow)."""
     from cnnpipe.config import load_config
-    from cnnpipe.evaluation.run_evaluation import run_evaluation
+    from cnnpipe.stages.evaluate import run_evaluation
 
     root = tmp_path_factory.mktemp("report")
     tiny_model(root / "models", classes=CLASSES)

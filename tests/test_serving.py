@@ -17,7 +17,7 @@ import requests
 from cnnpipe.data.images import decode_image
 from cnnpipe.data.store import load_split
 from cnnpipe.errors import DataError
-from cnnpipe.serving.predictor import ImagePredictor
+from cnnpipe.models.predictor import ImagePredictor
 from tests.helpers import BIN, Server, free_port, png_bytes, server_env, tiny_model
 
 CHAMPION = "models:/cnnpipe-digits@champion"

@@ -18,8 +18,6 @@ from optuna.trial import TrialState
 
 from tests.helpers import isolated, needs_postgres, prepared_copy, stage_env
 
-pytestmark = pytest.mark.slow
-
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 # Tiny, fast trials: no augmented copies, 1-2 epochs.
 FAST = ["augment=none", "sweep.space.epochs.low=1", "sweep.space.epochs.high=2", "sweep.n_startup_trials=2"]
@@ -51,6 +49,7 @@ def journal_study(project: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage)
 
 
+@pytest.mark.slow
 def test_sweep_writes_outputs_and_nested_mlflow_runs(project: Path) -> None:
     proc = run_sweep(project, *isolated(project, "basic"), "sweep.n_trials=3")
     assert "trial 3 of 3" in proc.stderr and "best val/acc" in proc.stderr
@@ -83,6 +82,7 @@ def test_sweep_writes_outputs_and_nested_mlflow_runs(project: Path) -> None:
     assert numbers == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_resume_continues_to_n_trials_in_total_with_the_same_parent(project: Path) -> None:
     names = isolated(project, "resume")
     run_sweep(project, *names, "sweep.n_trials=2")
@@ -95,6 +95,7 @@ def test_resume_continues_to_n_trials_in_total_with_the_same_parent(project: Pat
     assert len(journal_study(project, "resume").trials) == 3
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_with_no_lost_or_duplicated_trials(project: Path) -> None:
     name = "killed"
     names = isolated(project, name)
@@ -143,6 +144,7 @@ def test_killed_sweep_resumes_with_no_lost_or_duplicated_trials(project: Path) -
     assert best["trials"]["complete"] == 4
 
 
+@pytest.mark.slow
 def test_pruning_prunes_a_hopeless_learning_rate(project: Path) -> None:
     name = "prune"
     run_sweep(
@@ -177,6 +179,7 @@ def test_pruning_prunes_a_hopeless_learning_rate(project: Path) -> None:
     assert len(pruned_runs) == len(pruned) and all(r.info.status == "FINISHED" for r in pruned_runs)
 
 
+@pytest.mark.slow
 def test_diverging_trial_fails_and_the_study_goes_on(project: Path) -> None:
     name = "nan"
     run_sweep(
@@ -197,6 +200,7 @@ def test_diverging_trial_fails_and_the_study_goes_on(project: Path) -> None:
     assert states.get(1e12) == TrialState.FAIL and states.get(0.01) == TrialState.COMPLETE
 
 
+@pytest.mark.slow
 @needs_postgres
 def test_two_workers_share_a_postgresql_study(project: Path) -> None:
     name = f"pg-{uuid.uuid4().hex[:8]}"
@@ -227,7 +231,7 @@ def test_two_workers_share_a_postgresql_study(project: Path) -> None:
 
 
 def test_workers_get_their_own_gpu_and_a_share_of_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cnnpipe.tuning.run_sweep import worker_env
+    from cnnpipe.tuning.pool import worker_env
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert [worker_env(i, 4, 2)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["0", "1", "0"]
@@ -267,6 +271,7 @@ def test_an_interrupted_last_trial_still_runs_when_the_study_resumes() -> None:
     assert study_is_done(study, 3) and not study_is_done(study, 4)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_the_resumed_study_loses_nothing(project: Path) -> None:
     name = "ctrlc"
     args = (

@@ -210,7 +210,7 @@ def test_a_small_space_is_covered_without_repeats_and_a_retry_keeps_its_params(t
 def test_close_orphaned_trial_runs_closes_only_runs_of_finished_trials(tmp_path: Path) -> None:
     """The stage's pass over the parent's RUNNING child runs: a run whose trial finished is an orphan (its
     worker died before ending it, e.g. before recording the run id in the trial); a running trial's is not."""
-    from cnnpipe.tuning.run_sweep import close_orphaned_trial_runs
+    from cnnpipe.tuning.pool import close_orphaned_trial_runs
     from cnnpipe.tuning.study import load_study
 
     cfg = config(tmp_path)

@@ -100,7 +100,7 @@ def test_building_the_trainer_sets_torch_threads(cores: SetCores, torch_threads:
 
 def test_sweep_workers_get_their_share_in_env_and_config(cores: SetCores, monkeypatch: pytest.MonkeyPatch) -> None:
     """`_spawn_workers` hands each worker process its share, before it imports torch (OMP_NUM_THREADS)."""
-    from cnnpipe.tuning import run_sweep
+    from cnnpipe.tuning import pool as run_sweep
 
     seen: list[tuple[str, int]] = []
 

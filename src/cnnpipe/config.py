@@ -20,8 +20,9 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from cnnpipe.errors import ConfigError
 
 DATA_SOURCES = ("digits", "mnist5k", "imagefolder", "mnist_idx")
-MODELS = ("cnn", "cnn_bn", "resnet_small")
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+# Groups whose `name` picks a builder from a registry above this module: model.name (models/registry.py) and
+# optim.name (training/optimizers.py). The names a project accepts are those its conf/<group>/*.yaml declare.
+NAMED_GROUPS = ("model", "optim")
 SCHEDULERS = ("onecycle", "cosine", "none")
 MONITORS = ("val/acc", "val/loss", "val/f1_macro")
 TEST_METRICS = ("acc", "f1_macro", "precision_macro", "recall_macro", "ece", "loss")
@@ -410,9 +411,30 @@ def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def declared_names(conf_dir: Path, group: str) -> tuple[str, ...]:
+    """The `name`s the options of `conf/<group>/` declare (conf/model/*.yaml: cnn, cnn_bn, resnet_small): the
+    values `<group>.name` may take. Names, not builders: the builders are registered above this module
+    (models/registry.py, training/optimizers.py), which imports config, so config reads the names from conf/
+    instead of importing them back; tests/test_registries.py keeps conf/ and the registries the same set."""
+    names = set()
+    for option in sorted(p.stem for p in (conf_dir / group).glob("*.yaml")):
+        values = _group_option(conf_dir, group, option)
+        if isinstance(values, dict) and isinstance(values.get("name"), str):
+            names.add(values["name"])
+    return tuple(sorted(names))
+
+
+def _check_name(names: dict[str, tuple[str, ...]], group: str, value: Any, key: str | None = None) -> None:
+    known = names.get(group)
+    if known:  # none when the root is unknown or the group has no options: nothing declares names
+        _check(value in known, key or f"{group}.name", f"one of {', '.join(known)}", value)
+
+
 def validate(cfg: Config, root: Path | None = None) -> None:
     """Value rules the type system cannot express; the first violation is raised, naming its key. With the
-    project `root`, the output paths too (validate_paths)."""
+    project `root`, the output paths too (validate_paths), and model.name / optim.name against the names the
+    project's conf/ declares (declared_names), sweep choices of those keys included."""
+    names = {g: declared_names(root / "conf", g) for g in NAMED_GROUPS} if root is not None else {}
     _check(cfg.seed >= 0, "seed", ">= 0", cfg.seed)
     d = cfg.data
     _check(d.name in DATA_SOURCES, "data.name", f"one of {', '.join(DATA_SOURCES)}", d.name)
@@ -452,7 +474,7 @@ def validate(cfg: Config, root: Path | None = None) -> None:
     _check(0 <= a.preview <= 1024, "augment.preview", "between 0 and 1024", a.preview)
 
     m = cfg.model
-    _check(m.name in MODELS, "model.name", f"one of {', '.join(MODELS)}", m.name)
+    _check_name(names, "model", m.name)
     _check(
         len(m.channels) >= 1 and all(c >= 1 for c in m.channels),
         "model.channels",
@@ -471,7 +493,7 @@ def validate(cfg: Config, root: Path | None = None) -> None:
     )
 
     o = cfg.optim
-    _check(o.name in OPTIMIZERS, "optim.name", f"one of {', '.join(OPTIMIZERS)}", o.name)
+    _check_name(names, "optim", o.name)
     _check(_finite(o.lr) and o.lr > 0, "optim.lr", "> 0", o.lr)
     _check(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
     _check(_finite(o.momentum) and 0 <= o.momentum < 1, "optim.momentum", "in [0, 1)", o.momentum)
@@ -516,6 +538,11 @@ def validate(cfg: Config, root: Path | None = None) -> None:
     )
     _check(tk.champion_mode in ("min", "max"), "tracking.champion_mode", "min or max", tk.champion_mode)
     validate_sweep(cfg)
+    for entry, p in cfg.sweep.space.items():  # trials re-validate without the root: their names are checked here
+        group = p.key.removesuffix(".name")
+        if group in NAMED_GROUPS and p.key == f"{group}.name" and p.type == "categorical":
+            for choice in p.choices or []:
+                _check_name(names, group, choice, f"sweep.space.{entry}.choices")
     if root is not None:
         validate_paths(cfg, root)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
+import warnings
 
 
 def info(stage: str, message: str) -> None:
@@ -26,3 +28,11 @@ class Progress:
         if done == self.total or now - self._last >= self.every:
             self._last = now
             info(self.stage, f"{self.what} {done}/{self.total}")
+
+
+def quiet_library_noise() -> None:
+    """Silence known, harmless third-party chatter by logger or exact message (never wholesale)."""
+    # Lightning's start-up banner (GPU/TPU availability, tips) at INFO; its warnings still show.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")

@@ -118,7 +118,8 @@ def render_template() -> str:
     """The whole template: DVC's placeholders, the stamp, and the bundle inlined in one classic <script>."""
     import vl_convert
 
-    bundle = vl_convert.javascript_bundle(vl_version=vega_lite_version())
+    # The stub types `snippet` as required; the binding defaults it to none (the libraries alone).
+    bundle = vl_convert.javascript_bundle(vl_version=vega_lite_version())  # type: ignore[call-arg]
     found = [s for s in _UNSAFE if s in bundle]
     if found:
         raise OfflinePlotsError(f"the vl-convert JavaScript bundle contains {found}, which cannot be inlined as is")

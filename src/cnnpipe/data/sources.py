@@ -35,7 +35,7 @@ class RawData:
         h = hashlib.sha256()
         rows = rows_per_chunk(self.images, CHUNK_BYTES)  # the same digest as one update, without a full copy
         for start in range(0, len(self.images), rows):
-            h.update(memoryview(np.ascontiguousarray(self.images[start : start + rows])).cast("B"))
+            h.update(np.ascontiguousarray(self.images[start : start + rows]).data.cast("B"))
         h.update(self.labels.astype(np.int64).tobytes())
         h.update("\n".join(self.classes).encode())
         return h.hexdigest()
@@ -127,7 +127,10 @@ def load_imagefolder_source(cfg: DataConfig, stage: str = "prepare") -> RawData:
     progress = Progress(stage, "decoded", total)
     # Decoded straight into one array (not a list stacked at the end): the pixels are held once.
     images = np.empty((total, cfg.channels, cfg.image_size, cfg.image_size), dtype=np.uint8)
-    labels, classes, skipped, ignored, done, kept = [], [], [], 0, 0, 0
+    labels: list[int] = []
+    classes: list[str] = []
+    skipped: list[dict[str, str]] = []
+    ignored = done = kept = 0
     for name, (files, n_ignored) in listing.items():
         ignored += n_ignored
         first = kept

@@ -65,7 +65,7 @@ def _write_split(path: Path, shape: tuple[int, ...], chunks: Iterable[np.ndarray
                 chunk = np.ascontiguousarray(chunk, dtype=np.uint8)
                 if chunk.shape[1:] != tuple(shape[1:]):
                     raise ValueError(f"{path}: a chunk of shape {chunk.shape} in images of shape {shape}")
-                fh.write(memoryview(chunk).cast("B"))
+                fh.write(chunk.data.cast("B"))
                 written += len(chunk)
         if written != shape[0]:
             raise ValueError(f"{path}: {written} images written, {shape[0]} announced")

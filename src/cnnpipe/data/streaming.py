@@ -57,7 +57,7 @@ class SplitDataset(torch.utils.data.Dataset):
         return torch.from_numpy(images), self.labels[idx]
 
 
-def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _as_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return batch  # __getitems__ already returns the whole batch; a module-level function pickles
 
 

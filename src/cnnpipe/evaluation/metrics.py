@@ -1,8 +1,10 @@
-"""The test-split metric suite, all from torchmetrics."""
+"""The test-split metric suite, all from torchmetrics, and its tables (per_class.csv, confusion records)."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import re
 from dataclasses import dataclass
 
@@ -89,3 +91,27 @@ def per_class_metric_names(prefix: str, classes: list[str]) -> list[str]:
             names[i] = f"{name}-{i}"
         seen[names[i]] = i
     return names
+
+
+def per_class_csv(m: TestMetrics, classes: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["class", "precision", "recall", "f1", "support"])
+    for i, name in enumerate(classes):
+        writer.writerow(
+            [
+                name,
+                m.per_class["precision"][i],
+                m.per_class["recall"][i],
+                m.per_class["f1"][i],
+                int(m.per_class["support"][i]),
+            ]
+        )
+    return buf.getvalue()
+
+
+def confusion_records(labels: torch.Tensor, preds: torch.Tensor, classes: list[str]) -> list[dict[str, str]]:
+    """One record per test sample, the shape DVC's `confusion` plot template reads."""
+    return [
+        {"actual": classes[a], "predicted": classes[p]} for a, p in zip(labels.tolist(), preds.tolist(), strict=True)
+    ]

@@ -1,4 +1,4 @@
-"""Pictures: training curves and the confusion matrix, written atomically as PNG."""
+"""Pictures: the confusion matrix, written atomically as PNG."""
 
 from __future__ import annotations
 
@@ -17,26 +17,6 @@ def _save(fig: plt.Figure, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-
-
-def plot_curves(rows: list[dict[str, float]], path: Path) -> None:
-    """Loss and accuracy per epoch, train vs val."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = [r["epoch"] for r in rows]
-    for key, ax in (
-        ("train/loss", ax_loss),
-        ("val/loss", ax_loss),
-        ("train/acc", ax_acc),
-        ("val/acc", ax_acc),
-    ):
-        values = [r.get(key, np.nan) for r in rows]
-        ax.plot(epochs, values, marker=".", label=key)
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    _save(fig, path)
 
 
 def plain_label(text: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cnnpipe.evaluation.metrics import TestMetrics
@@ -141,7 +142,7 @@ def render_html(r: ReportContent, confusion_png: bytes) -> str:
     """report.html: one self-contained page, the picture embedded as a `data:` URI (no other file to fetch),
     UTF-8 declared (MLflow shows it from a Blob without a charset, so non-ASCII class names need the meta)."""
 
-    def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    def table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
         """First column a name, the others numbers (right-aligned)."""
         head = "".join(f"<th>{html_text(h)}</th>" for h in header)
         body = "".join(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cnnpipe.config import ModelConfig
 from cnnpipe.models.layers import Normalize, mlp_head
+from cnnpipe.models.registry import register_model
 
 
 class ClassicCNN(nn.Module):
@@ -42,3 +44,21 @@ class ClassicCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(self.normalize(x)))
+
+
+@register_model("cnn", "cnn_bn")
+def build_classic_cnn(
+    cfg: ModelConfig, *, in_shape: tuple[int, int, int], num_classes: int, mean: list[float], std: list[float]
+) -> nn.Module:
+    """conf/model/cnn.yaml and cnn_bn.yaml: the same family, BatchNorm and dropout as the config says."""
+    return ClassicCNN(
+        in_shape,
+        num_classes,
+        cfg.channels,
+        cfg.convs_per_block,
+        cfg.hidden,
+        cfg.dropout,
+        cfg.batch_norm,
+        mean,
+        std,
+    )

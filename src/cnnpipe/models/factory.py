@@ -1,7 +1,8 @@
 """Build a model from its spec: config + what prepare measured (shape, classes, mean/std).
 
 The spec is a plain dict saved next to the weights (models/model.json), so a model is rebuilt from
-JSON + safetensors with no pickle involved.
+JSON + safetensors with no pickle involved. Which network a name means is the registry's business
+(models/registry.py): this module knows no model names.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from typing import Any
 from torch import nn
 
 from cnnpipe.config import ModelConfig
-from cnnpipe.models.cnn import ClassicCNN
-from cnnpipe.models.resnet import ResNetSmall
+from cnnpipe.models.registry import model_builder
 
 
 def model_spec(model_cfg: ModelConfig, meta: dict[str, Any]) -> dict[str, Any]:
@@ -27,30 +27,13 @@ def model_spec(model_cfg: ModelConfig, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_model(spec: dict[str, Any]) -> nn.Module:
+    """The family registered as `spec["model"]["name"]` (models/registry.py), built for the spec's data."""
     m = ModelConfig(**spec["model"])
-    in_shape = tuple(spec["in_shape"])
-    num_classes = len(spec["classes"])
-    if m.name in ("cnn", "cnn_bn"):
-        return ClassicCNN(
-            in_shape,
-            num_classes,
-            m.channels,
-            m.convs_per_block,
-            m.hidden,
-            m.dropout,  # type: ignore[arg-type]
-            m.batch_norm,
-            spec["mean"],
-            spec["std"],
-        )
-    if m.name == "resnet_small":
-        return ResNetSmall(
-            in_shape,
-            num_classes,
-            m.channels,
-            m.convs_per_block,
-            m.hidden,
-            m.dropout,  # type: ignore[arg-type]
-            spec["mean"],
-            spec["std"],
-        )
-    raise ValueError(f"unknown model {m.name!r}")  # unreachable after config validation
+    c, h, w = spec["in_shape"]
+    return model_builder(m.name)(
+        m,
+        in_shape=(int(c), int(h), int(w)),
+        num_classes=len(spec["classes"]),
+        mean=list(spec["mean"]),
+        std=list(spec["std"]),
+    )

@@ -9,6 +9,9 @@ from torch import nn
 class Normalize(nn.Module):
     """Per-channel (x - mean) / std inside the model, so a saved model carries its own preprocessing."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: list[float], std: list[float]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cnnpipe.config import ModelConfig
 from cnnpipe.models.layers import Normalize, mlp_head
+from cnnpipe.models.registry import register_model
 
 
 class BasicBlock(nn.Module):
@@ -63,3 +65,12 @@ class ResNetSmall(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.pool(self.stages(self.stem(self.normalize(x)))))
+
+
+@register_model("resnet_small")
+def build_resnet_small(
+    cfg: ModelConfig, *, in_shape: tuple[int, int, int], num_classes: int, mean: list[float], std: list[float]
+) -> nn.Module:
+    """conf/model/resnet_small.yaml: `convs_per_block` is the number of residual blocks per stage (BatchNorm
+    always: `batch_norm` does not apply)."""
+    return ResNetSmall(in_shape, num_classes, cfg.channels, cfg.convs_per_block, cfg.hidden, cfg.dropout, mean, std)

@@ -25,9 +25,9 @@ from PIL import Image
 from cnnpipe.atomic import write_text_atomic
 from cnnpipe.config import Config
 from cnnpipe.data.images import IMAGE_SUFFIXES
+from cnnpipe.data.inputs import PixelLimits
 from cnnpipe.errors import DataError
-from cnnpipe.serving.images import PixelLimits
-from cnnpipe.serving.predictor import ImagePredictor
+from cnnpipe.models.predictor import ImagePredictor
 
 COLUMNS = ("file", "class", "probability", "error")
 CHAMPION = "champion"

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from mlflow.models import ModelSignature
 
 ENTRY = Path(__file__).with_name("pyfunc_entry.py")
-# What the model's code (cnnpipe.serving + models, shipped with the model) imports at inference time.
+# What the model's code (cnnpipe.models + data, shipped with the model) imports at inference time.
 RUNTIME_DISTRIBUTIONS = ("torch", "numpy", "pandas", "pillow", "safetensors", "omegaconf", "pyyaml", "mlflow")
 
 
@@ -38,13 +38,13 @@ def pip_requirements() -> list[str]:
 def model_signature(classes: list[str]) -> ModelSignature:
     """Input: one image per item, of any accepted kind (pixel array, bytes, base64 text): MLflow's schemas
     cannot express "(N,H,W) or (N,H,W,C) or encoded bytes", so the input is an untyped object tensor and
-    `cnnpipe.serving.images` checks it. Output: class, probability, prob_<class>..., error."""
+    `cnnpipe.data.inputs` checks it. Output: class, probability, prob_<class>..., error."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
-    from cnnpipe.serving.predictor import PROB_PREFIX
+    from cnnpipe.models.predictor import PROB_PREFIX
 
-    outputs = [ColSpec("string", "class"), ColSpec("double", "probability")]
+    outputs: list[ColSpec | TensorSpec] = [ColSpec("string", "class"), ColSpec("double", "probability")]
     outputs += [ColSpec("double", f"{PROB_PREFIX}{c}") for c in classes]
     outputs.append(ColSpec("string", "error", required=False))
     return ModelSignature(inputs=Schema([TensorSpec(np.dtype(object), (-1,))]), outputs=Schema(outputs))
@@ -70,7 +70,7 @@ def log_image_model(models_dir: Path, example: np.ndarray, name: str = "model") 
     `example`: a few uint8 (N, C, H, W) training images, kept as the model's input example."""
     import mlflow.pyfunc
 
-    from cnnpipe.serving.predictor import ImagePredictor
+    from cnnpipe.models.predictor import ImagePredictor
     from cnnpipe.tracking.pyfunc_model import MODEL_ARTIFACT
 
     predictor = ImagePredictor.from_folder(models_dir)

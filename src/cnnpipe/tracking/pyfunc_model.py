@@ -2,32 +2,32 @@
 
 Logged as "models from code" (`pyfunc_entry.py` is the code file): no pickled Python object, and the weights
 are the pickle-free `model.safetensors` + `model.json` the train stage writes. The preprocessing is
-`cnnpipe.serving`'s, the same code the predict command runs on a local models/ folder.
+`cnnpipe.models.predictor`'s, the same code the predict command runs on a local models/ folder.
 """
 
 # No `from __future__ import annotations`: MLflow reads predict()'s type hints at class creation.
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.serving.predictor import ImagePredictor
+from cnnpipe.models.predictor import ImagePredictor
 
 MODEL_ARTIFACT = "cnnpipe_model"  # the artifact folder holding model.safetensors + model.json
 
 
-class ImageClassifierModel(mlflow.pyfunc.PythonModel):
-    """See `cnnpipe.serving.images` for the accepted inputs and `ImagePredictor` for the output columns."""
+class ImageClassifierModel(PythonModel):
+    """See `cnnpipe.data.inputs` for the accepted inputs and `ImagePredictor` for the output columns."""
 
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         self.predictor = ImagePredictor.from_folder(Path(context.artifacts[MODEL_ARTIFACT]))
 
     def predict(
-        self, context: mlflow.pyfunc.PythonModelContext, model_input: np.ndarray, params: dict[str, Any] | None = None
+        self, context: PythonModelContext, model_input: np.ndarray, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         """`model_input` is an ndarray after MLflow enforced the (object tensor) signature: a pixel batch, or one
         item per image. An ndarray hint is one MLflow derives no signature from, so the logged one stands."""

@@ -161,6 +161,22 @@ def close_run(client: MlflowClient, run_id: str, reason: str, status: str = "KIL
     return True
 
 
+def close_run_at(tracking_uri: str, run_id: str, reason: str) -> bool:
+    """`close_run` against the store at `tracking_uri` (a sweep's recovery holds a URI, not a client)."""
+    return close_run(MlflowClient(tracking_uri), run_id, reason)
+
+
+def open_child_runs(tracking_uri: str, parent_run_id: str) -> list[tuple[str, dict[str, str]]]:
+    """(run id, tags) of the RUNNING child runs of `parent_run_id` (a sweep's trials still marked as running)."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs(
+        [experiment],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+    )
+    return [(r.info.run_id, dict(r.data.tags)) for r in runs]
+
+
 def close_orphaned_runs(
     client: MlflowClient, experiment_id: str, stage: str | None = None, keep: str | None = None
 ) -> list[str]:

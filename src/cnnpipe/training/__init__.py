@@ -1,1 +1,1 @@
-"""LightningModule, Trainer factory, callbacks, and the train stage."""
+"""LightningModule, Trainer factory, callbacks, resumable checkpoints, and the fit's history (curves)."""

@@ -7,10 +7,19 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BaseFinetuning
+from torch import nn
 from torch.optim import Optimizer
 
 from cnnpipe.console import info
 from cnnpipe.models.transfer import backbone_modules
+
+
+def _net(pl_module: pl.LightningModule) -> nn.Module:
+    """The module's network (`ImageClassifier.net`; an nn.Module attribute reads as Tensor | Module to a checker)."""
+    net = pl_module.net
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"{type(pl_module).__name__}.net is not a torch module")
+    return net
 
 
 class FreezeBackbone(BaseFinetuning):
@@ -19,9 +28,9 @@ class FreezeBackbone(BaseFinetuning):
         self.epochs = epochs
 
     def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
-        self.freeze(backbone_modules(pl_module.net), train_bn=False)
+        self.freeze(backbone_modules(_net(pl_module)), train_bn=False)
 
     def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: Optimizer) -> None:
         if epoch == self.epochs:
-            self.make_trainable(backbone_modules(pl_module.net))
+            self.make_trainable(backbone_modules(_net(pl_module)))
             info("train", f"epoch {epoch + 1}: backbone unfrozen")

@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from cnnpipe.config import OptimConfig
 from cnnpipe.training.direct_step import can_step_directly
 from cnnpipe.training.distributed import scaled_lr
+from cnnpipe.training.optimizers import build_optimizer
 
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # predicted classes, labels, mean loss of one batch
 
@@ -25,24 +26,6 @@ def summarise(outputs: list[Outputs]) -> tuple[torch.Tensor, torch.Tensor, torch
     sizes = [len(t) for t in targets]
     weights = torch.tensor(sizes, dtype=torch.float64, device=losses[0].device)
     return torch.cat(preds), torch.cat(targets), (torch.stack(losses).double() * weights).sum(), sum(sizes)
-
-
-def build_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
-    if cfg.name == "sgd":
-        return torch.optim.SGD(
-            params,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            nesterov=cfg.nesterov and cfg.momentum > 0,
-            weight_decay=cfg.weight_decay,
-        )
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimiser {cfg.name!r}")  # unreachable after config validation
 
 
 class ImageClassifier(pl.LightningModule):

@@ -55,11 +55,11 @@ class BestCheckpoint(ModelCheckpoint):
     def check_monitor_top_k(self, trainer: pl.Trainer, current: torch.Tensor | None = None) -> bool:
         if current is None:
             return False
-        loss = trainer.callback_metrics.get(self.tiebreak)
-        loss = float(loss) if loss is not None else math.inf
+        logged = trainer.callback_metrics.get(self.tiebreak)
+        loss = float(logged) if logged is not None else math.inf
         kept = self.best_k_models.get(self.kth_best_model_path) if self.best_k_models else None
         if kept is not None and self.monitor != self.tiebreak and within_tie(float(current), float(kept)):
-            better = trainer.strategy.reduce_boolean_decision(loss < self.best_tiebreak)
+            better = trainer.strategy.reduce_boolean_decision(bool(loss < self.best_tiebreak))
         else:
             better = super().check_monitor_top_k(trainer, current)
         if better:

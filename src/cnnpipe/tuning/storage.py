@@ -24,7 +24,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cnnpipe.config import Config, store_root
 from cnnpipe.console import warn
+from cnnpipe.errors import ConfigError
 from cnnpipe.processes import owner_alive, owner_token
+from cnnpipe.redact import mask_secrets
 from cnnpipe.tracking.uri import resolve_tracking_uri
 
 WORKER_ATTR = "cnnpipe.worker"
@@ -60,13 +62,11 @@ def close_trial_run(tracking_uri: str, run_id: str, reason: str) -> bool:
     """End the MLflow run `run_id` as KILLED with tag `cnnpipe.end_reason`, if it is still RUNNING (a run that
     ended on its own keeps its status). True when it closed the run. Never raises: closing is cleanup, and a
     store that cannot be reached must not stop the trial's recovery. The one place the tuning package
-    closes runs (through `tracking.runs.close_run`)."""
-    from mlflow.tracking import MlflowClient
-
-    from cnnpipe.tracking.runs import close_run
+    closes runs (through `cnnpipe.tracking`)."""
+    from cnnpipe.tracking.runs import close_run_at
 
     try:
-        return close_run(MlflowClient(tracking_uri), run_id, reason)
+        return close_run_at(tracking_uri, run_id, reason)
     except Exception as exc:  # any store error: say so and go on
         warn("sweep", f"could not close MLflow run {run_id}: {type(exc).__name__}: {str(exc)[:200]}")
         return False
@@ -117,15 +117,23 @@ def open_storage(cfg: Config, root: Path) -> optuna.storages.BaseStorage:
     url = cfg.sweep.storage
     if url:
         interval, grace = heartbeat_timing()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                url,
-                heartbeat_interval=interval,
-                grace_period=grace,
-                heartbeat_stale_trial_callback=TrialRecovery(cfg.tracking.uri, root),
-                engine_kwargs={"pool_pre_ping": True},
-            )
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    url,
+                    heartbeat_interval=interval,
+                    grace_period=grace,
+                    heartbeat_stale_trial_callback=TrialRecovery(cfg.tracking.uri, root),
+                    engine_kwargs={"pool_pre_ping": True},
+                )
+        except (SQLAlchemyError, ImportError) as exc:  # a malformed URL, no server, no driver for the dialect
+            reason = " ".join(str(exc).split("\n")[0].split())[:300]
+            raise ConfigError(
+                f"sweep.storage: cannot open {mask_secrets(url)}: {type(exc).__name__}: {reason}"
+            ) from exc
     path = journal_path(cfg, root)
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))

@@ -89,7 +89,7 @@ def _main() -> None:
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--parent", default=None)
     args = parser.parse_args()
-    from cnnpipe.stage import quiet_library_noise
+    from cnnpipe.console import quiet_library_noise
 
     quiet_library_noise()
     cfg = to_config(yaml.safe_load(args.config.read_text()), source=str(args.config))

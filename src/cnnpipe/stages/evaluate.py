@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any
 
@@ -14,37 +12,19 @@ from cnnpipe.config import Config
 from cnnpipe.console import info
 from cnnpipe.data.store import load_split
 from cnnpipe.errors import DataError
-from cnnpipe.evaluation.metrics import TestMetrics, classification_metrics, per_class_metric_names, predict_logits
+from cnnpipe.evaluation.metrics import (
+    classification_metrics,
+    confusion_records,
+    per_class_csv,
+    per_class_metric_names,
+    predict_logits,
+)
 from cnnpipe.evaluation.plots import plot_confusion
 from cnnpipe.evaluation.report import render_html, render_markdown, report_content, summary_table
 from cnnpipe.models.store import load_published
 from cnnpipe.tracking.datasets import split_inputs
 from cnnpipe.tracking.registry import register_run_model, registered_model_name
 from cnnpipe.tracking.runs import log_into_run
-
-
-def per_class_csv(m: TestMetrics, classes: list[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["class", "precision", "recall", "f1", "support"])
-    for i, name in enumerate(classes):
-        writer.writerow(
-            [
-                name,
-                m.per_class["precision"][i],
-                m.per_class["recall"][i],
-                m.per_class["f1"][i],
-                int(m.per_class["support"][i]),
-            ]
-        )
-    return buf.getvalue()
-
-
-def confusion_records(labels: torch.Tensor, preds: torch.Tensor, classes: list[str]) -> list[dict[str, str]]:
-    """One record per test sample, the shape DVC's `confusion` plot template reads."""
-    return [
-        {"actual": classes[a], "predicted": classes[p]} for a, p in zip(labels.tolist(), preds.tolist(), strict=True)
-    ]
 
 
 def register(cfg: Config, root: Path, run_id: str, metrics: dict[str, float]) -> None:

@@ -1,4 +1,7 @@
-"""A trained network and its spec, answering raw images with class names and probabilities."""
+"""A trained network and its spec, answering raw images with class names and probabilities.
+
+No mlflow here: the predict command (`cnnpipe.serving`) and the MLflow pyfunc model (`cnnpipe.tracking`) both
+answer through it, so it sits below both."""
 
 from __future__ import annotations
 
@@ -10,14 +13,14 @@ import pandas as pd
 import torch
 from torch import nn
 
+from cnnpipe.data.inputs import to_batch
 from cnnpipe.models.store import load_model
-from cnnpipe.serving.images import to_batch
 
 PROB_PREFIX = "prob_"  # per-class probability columns: prob_<class name>
 
 
 class ImagePredictor:
-    """Raw images in (see `cnnpipe.serving.images`), one row per image out: `class`, `probability`, one
+    """Raw images in (see `cnnpipe.data.inputs`), one row per image out: `class`, `probability`, one
     `prob_<class>` column per class, and `error` (None, or why that image could not be used)."""
 
     def __init__(self, net: nn.Module, spec: dict[str, Any], batch_size: int = 512) -> None:

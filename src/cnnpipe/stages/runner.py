@@ -8,13 +8,14 @@ import re
 import signal
 import sys
 import traceback
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from cnnpipe import threads
 from cnnpipe.config import Config, find_project_root, load_config
+from cnnpipe.console import quiet_library_noise
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.redact import mask_secrets
 
@@ -28,34 +29,31 @@ def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def quiet_library_noise() -> None:
-    """Silence known, harmless third-party chatter by logger or exact message (never wholesale)."""
-    import logging
-
-    # Lightning's start-up banner (GPU/TPU availability, tips) at INFO; its warnings still show.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")
-
-
 def run_stage(name: str, body: Callable[[Config, Path], Any], argv: list[str] | None = None) -> None:
-    """Run `body(cfg, project_root)`; user errors -> `cnnpipe <stage>: error: ...` and exit 2, a full disk too
-    (`no space left on device writing <file>`: atomic outputs leave nothing half-written, an MLflow run ends
-    FAILED); Ctrl-C / SIGTERM -> exit 130 after the body's own cleanup (MLflow run marked KILLED). Any other
-    exception keeps Python's traceback and exit code 1, with the URIs in it masked."""
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    sys.excepthook = _masked_excepthook
-    quiet_library_noise()
-    try:
+    """Run `body(cfg, project_root)` under `command_errors("cnnpipe <stage>")`."""
+    with command_errors(f"cnnpipe {name}"):
         root = find_project_root()
         cfg = load_config(list(sys.argv[1:] if argv is None else argv), root=root)
         threads.apply(cfg, name, say=False)  # every stage: a neighbour must not stall a 2-thread team
         body(cfg, root)
+
+
+@contextmanager
+def command_errors(prog: str) -> Iterator[None]:
+    """How every cnnpipe command ends: user errors -> `<prog>: error: ...` and exit 2, a full disk too (`no space
+    left on device writing <file>`: atomic outputs leave nothing half-written, an MLflow run ends FAILED);
+    Ctrl-C / SIGTERM -> exit 130 after the body's own cleanup (MLflow run marked KILLED). Any other exception
+    keeps Python's traceback and exit code 1, with the URIs in it masked."""
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    sys.excepthook = _masked_excepthook
+    quiet_library_noise()
+    try:
+        yield
     except CnnpipeError as exc:
-        print(f"cnnpipe {name}: error: {mask_secrets(str(exc))}", file=sys.stderr)
+        print(f"{prog}: error: {mask_secrets(str(exc))}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
-        print(f"cnnpipe {name}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:
         full = no_space_error(exc)
@@ -63,7 +61,7 @@ def run_stage(name: str, body: Callable[[Config, Path], Any], argv: list[str] | 
             raise  # a bug: its traceback, printed by `_masked_excepthook`
         written = written_file(full) or written_file(exc)
         where = f" writing {output_name(written)}" if written else ""
-        print(f"cnnpipe {name}: error: no space left on device{where} (free some space, then re-run)", file=sys.stderr)
+        print(f"{prog}: error: no space left on device{where} (free some space, then re-run)", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
 
 

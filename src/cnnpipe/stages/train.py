@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,6 @@ from cnnpipe.config import Config, as_dict, flatten, with_values
 from cnnpipe.console import info, warn
 from cnnpipe.data.store import load_meta, load_split
 from cnnpipe.errors import DataError
-from cnnpipe.evaluation.plots import plot_curves
 from cnnpipe.models.store import RUN_FILE, SPEC, SPEC_SHA, WEIGHTS, WEIGHTS_SHA, file_sha256, publish_model, save_model
 from cnnpipe.redact import mask_secrets
 from cnnpipe.tracking.datasets import combined_digest, split_inputs
@@ -24,6 +21,7 @@ from cnnpipe.tracking.model_logging import log_image_model
 from cnnpipe.tracking.names import experiment_name, run_label
 from cnnpipe.tracking.runs import close_run, connect, tracked_run
 from cnnpipe.tracking.tags import run_tags
+from cnnpipe.training.curves import history_csv, plot_curves
 from cnnpipe.training.distributed import launch_rank
 from cnnpipe.training.fit import fit
 from cnnpipe.training.resume import (
@@ -37,18 +35,8 @@ from cnnpipe.training.resume import (
     weights_dir,
 )
 
-HISTORY_COLUMNS = ("epoch", "train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro", "lr")
 # What the train stage publishes to models/, as one unit (run.json last, naming the run and the weights' sha256).
 OUTPUTS = [WEIGHTS, SPEC, "history.csv", "curves.png", "config.yaml", RUN_FILE]
-
-
-def history_csv(rows: list[dict[str, float]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (int(row[k]) if k == "epoch" else round(row[k], 6)) for k in HISTORY_COLUMNS if k in row})
-    return buf.getvalue()
 
 
 def apply_hparams(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()) -> tuple[Config, dict[str, str]]:
