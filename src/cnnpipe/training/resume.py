@@ -84,7 +84,10 @@ def find_resumable(
             continue
         files = [p for p in (state_file.parent / WEIGHTS / n for n in (LAST, BEST)) if p.is_file()]
         if state.get("config_digest") == digest and files and state.get("run_id"):
-            newest = max(p.stat().st_mtime_ns for p in files)
+            try:
+                newest = max(p.stat().st_mtime_ns for p in files)
+            except FileNotFoundError:  # another run finished and removed its folder meanwhile
+                continue
             candidates.append((newest, state_file.parent, str(state["run_id"])))
     for _, folder, run_id in sorted(candidates, reverse=True):
         if not claim:
@@ -138,7 +141,7 @@ def discard_stale_checkpoints(ckpt_root: Path) -> list[str]:
     """Remove run folders (ones this project made: they hold state.json) that no live process holds and that
     hold no checkpoint: what a run killed before its first checkpoint leaves. Returns their run ids.
     Folders with a checkpoint stay resumable; folders holding a set-aside damaged file stay for the user."""
-    removed = []
+    removed: list[str] = []
     if not ckpt_root.is_dir():
         return removed
     for state_file in ckpt_root.glob(f"*/{STATE}"):

@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cnnpipe.config import Config, as_dict, flatten
 from cnnpipe.console import warn
+from cnnpipe.errors import ConfigError
 from cnnpipe.tuning.space import distributions, epoch_range
 from cnnpipe.tuning.storage import open_storage
 
@@ -219,6 +220,11 @@ def load_study(cfg: Config, root: Path, worker_index: int = 0, create: bool = Fa
     }
     if create:
         study = optuna.create_study(direction=cfg.sweep.direction, load_if_exists=True, **kwargs)  # type: ignore[arg-type]
+        if study.direction.name.lower() != cfg.sweep.direction:  # only a pinned name: the hash covers direction
+            raise ConfigError(
+                f"sweep.direction is {cfg.sweep.direction}, but study {name!r} in this storage was created to "
+                f"{study.direction.name.lower()}: set another sweep.study_name (or leave it empty) for a new study"
+            )
     else:
         study = optuna.load_study(**kwargs)  # type: ignore[arg-type]
     so_far = len(study.get_trials(deepcopy=False))
