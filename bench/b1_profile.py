@@ -4,10 +4,10 @@
    backward, the optimiser, our training_step, Lightning's manual_backward / LightningOptimizer.step
    wrappers, torchmetrics updates and `LightningModule.log`, and the own time of all Lightning functions.
 2. Interleaved ablation, same data, config, seed and threads on every side:
-   - `lightning`: one step per Lightning iteration, through `manual_backward` and `LightningOptimizer.step`
-     (forced by a callback that listens to `on_after_backward`, as any gradient-logging callback would);
-   - `direct`: one step per iteration, backward and optimiser called directly (training/direct_step.py);
-   - `ours`: the default, `trainer.steps_per_call` steps per iteration, direct;
+   - `lightning`: one step per Lightning iteration (`trainer.steps_per_call=1`), with a callback that listens
+     to `on_after_backward`, as any gradient-logging callback would;
+   - `ours`: the default, `trainer.steps_per_call` steps per iteration (the same public `manual_backward` /
+     `LightningOptimizer.step` per step);
    - `raw`: B1's hand-written loop.
 
 Run: python -m bench.b1_profile [--repeats N] [--threads N] [--epochs N] [--data digits|mnist5k] [--device cpu|cuda]
@@ -52,9 +52,9 @@ BUCKETS = [
     ("torchmetrics Metric.update (train/val metrics)", "torchmetrics/metric.py", "(wrapped_func)"),
     ("forward of the net", "torch/nn/modules/module.py", "(_wrapped_call_impl)"),
     ("backward (torch)", "torch/_tensor.py", "(backward)"),
-    ("Lightning manual_backward (0 when stepping directly)", "lightning/pytorch/core/module.py", "(manual_backward)"),
+    ("Lightning manual_backward", "lightning/pytorch/core/module.py", "(manual_backward)"),
     ("optimizer step (torch, AdamW)", "torch/optim/adam.py", "(step)"),
-    ("LightningOptimizer.step (0 when stepping directly)", "lightning/pytorch/core/optimizer.py", "(step)"),
+    ("LightningOptimizer.step", "lightning/pytorch/core/optimizer.py", "(step)"),
     ("training_step (ours: all steps of a call)", "cnnpipe/training/module.py", "(training_step)"),
     ("Trainer.fit (total)", "lightning/pytorch/trainer/trainer.py", "(fit)"),
 ]
@@ -103,7 +103,6 @@ def run(
     single = one_step_per_call(cfg)
     sides = {
         "lightning": lambda out: train_ours(single, meta, train, val, out, callbacks=[hook_listener()]),
-        "direct": lambda out: train_ours(single, meta, train, val, out),
         "ours": lambda out: train_ours(cfg, meta, train, val, out),
         "raw": lambda out: train_raw(cfg, meta, train, val, out),
     }
@@ -117,10 +116,10 @@ def run(
     record = make_result(
         name=name,
         title="B1 profile and ablation",
-        what=f"{data} on {device}: fit() under cProfile; Lightning wrappers / direct step / "
+        what=f"{data} on {device}: fit() under cProfile; one step per iteration / "
         f"{cfg.trainer.steps_per_call} steps per call vs raw loop, interleaved",
         ours=f"ours: {vs_raw['ours']:.3f} of raw",
-        baseline=f"lightning: {vs_raw['lightning']:.3f}, direct: {vs_raw['direct']:.3f} of raw",
+        baseline=f"one step per iteration: {vs_raw['lightning']:.3f} of raw",
         ratio=vs_raw["ours"],
         ratio_label="ours/raw throughput",
         goal_op=">=",

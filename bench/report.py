@@ -25,7 +25,7 @@ NOT_MEASURED = {
     "GPU": (
         "B1 on a GPU: resnet_small on CIFAR-sized synthetic data (3x32x32), bf16-mixed + channels_last; "
         "images/s and MFU against the GPU's bf16 peak",
-        "not measured: no GPU lent to this session; where one is: "
+        "not measured: no GPU on the machine that ran it; where there is one: "
         "`python -m bench.b1_train_step --data cifar-synthetic --device cuda`",
     ),
 }
@@ -96,7 +96,7 @@ def table(results: dict[str, dict[str, Any]]) -> list[str]:
         lines += [
             "",
             "† run by hand, not by `make bench` (`b1_train_step --data mnist5k` or `--data cifar-synthetic`,",
-            "`--device cuda` on a lent GPU machine, `pruning --set ...`); its date and machine are in the details",
+            "`--device cuda` on a GPU machine, `pruning --set ...`); its date and machine are in the details",
             "below.",
         ]
     return lines

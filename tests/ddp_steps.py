@@ -1,8 +1,6 @@
 """Helper script (not a test module): two 2-process DDP fits of the same tiny data on CPU (gloo): one step
-per Lightning iteration through Lightning's manual_backward / optimizer.step (a callback on a per-step hook
-forces that path), and `--per-call` steps per iteration with the direct step. Lightning's DDP launcher
-re-executes this script for rank 1; rank 0 writes both runs' weights, global steps, step path and histories
-to `--out` (torch.save)."""
+per Lightning iteration, and `--per-call` steps per iteration. Lightning's DDP launcher re-executes this script
+for rank 1; rank 0 writes both runs' weights, global steps, iterations and histories to `--out` (torch.save)."""
 
 from __future__ import annotations
 
@@ -10,19 +8,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: make `tests` importable
 
 from tests.tiny import tiny_config, tiny_data  # noqa: E402
-
-
-class ListensToBackward(Callback):
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pass
 
 
 def main() -> None:
@@ -43,15 +34,13 @@ def main() -> None:
             "data.batch_size=8",
             f"trainer.steps_per_call={per_call}",
         )
-        callbacks = [ListensToBackward()] if per_call == 1 else []
-        res = fit(cfg, meta, train, val, ckpt_dir=None, quiet=True, callbacks=callbacks)
+        res = fit(cfg, meta, train, val, ckpt_dir=None, quiet=True)
         results[per_call] = {
             "weights": {k: v.clone() for k, v in res.net.state_dict().items()},
             "global_step": res.trainer.global_step,
             "iterations": res.trainer.num_training_batches,
             "history": [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in res.history],
             "world_size": res.trainer.world_size,
-            "direct": res.trainer.lightning_module._direct,
         }
         if res.trainer.is_global_zero:
             torch.save(results, args.out)

@@ -70,16 +70,7 @@ def fit(
         module = module.to(memory_format=torch.channels_last)
     if cfg.trainer.compile:
         module.net = torch.compile(module.net)  # type: ignore[assignment]
-    data = InMemoryDataModule(
-        train,
-        val,
-        cfg.data.batch_size,
-        cfg.seed,
-        channels_last=use_channels_last(cfg),
-        on_device=cfg.data.on_device,
-        steps_per_call=cfg.trainer.steps_per_call,
-        workers=cfg.data.workers,
-    )
+    data = datamodule(cfg, train, val)
     history = EpochHistory(sinks, quiet=quiet)
     ckpt = None
     savers: list[Callback] = []
@@ -110,3 +101,17 @@ def fit(
         best_epoch = int(state.get("epoch", -1)) + 1  # Lightning counts from 0, the history from 1
     net = getattr(module.net, "_orig_mod", module.net)  # the plain module behind torch.compile
     return FitResult(net.cpu().eval(), spec, history.rows, best_score, best_epoch, trainer)
+
+
+def datamodule(cfg: Config, train: Split, val: Split, steps_per_call: int | None = None) -> InMemoryDataModule:
+    """The training and validation batches `fit` trains on (`steps_per_call`: default `trainer.steps_per_call`)."""
+    return InMemoryDataModule(
+        train,
+        val,
+        cfg.data.batch_size,
+        cfg.seed,
+        channels_last=use_channels_last(cfg),
+        on_device=cfg.data.on_device,
+        steps_per_call=cfg.trainer.steps_per_call if steps_per_call is None else steps_per_call,
+        workers=cfg.data.workers,
+    )

@@ -8,11 +8,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from cnnpipe.config import OptimConfig
-from cnnpipe.training.direct_step import can_step_directly
 from cnnpipe.training.distributed import scaled_lr
 from cnnpipe.training.optimizers import build_optimizer
 
@@ -33,9 +33,11 @@ class ImageClassifier(pl.LightningModule):
 
     Manual optimisation, so that one Lightning iteration can take several optimiser steps: a training
     batch may hold up to `trainer.steps_per_call` consecutive batches of `batch_size`, each one a full
-    step (forward, backward, clip, optimiser, scheduler). Lightning's fixed cost per iteration (~0.5 ms of
-    hooks and bookkeeping, bench/findings.md B1) is then paid once per call instead of once per step;
-    the updates are the same as one step per call (tests/test_fit.py checks the weights are equal)."""
+    step through Lightning's own `manual_backward` and `LightningOptimizer.step` (precision plugin, DDP
+    reducer, per-step hooks, clipping after AMP unscaling). Lightning's fixed cost per iteration (~0.5 ms of
+    loop bookkeeping) is then paid once per call instead of once per step: on 8x8 digits 0.97 of a raw
+    loop instead of 0.88-0.92, within noise from 3x32x32 up (docs/design.md, "The training step"). The
+    updates are those of one step per call (tests/test_fit.py and tests/test_ddp.py check the weights)."""
 
     def __init__(
         self,
@@ -61,7 +63,6 @@ class ImageClassifier(pl.LightningModule):
         self.val_f1 = MulticlassF1Score(num_classes, average="macro", validate_args=False)
         self._epoch: list[Outputs] = []  # this epoch's training steps
         self._val: list[Outputs] = []  # this validation pass
-        self._direct = False  # set at train start: see training/direct_step.py
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -72,6 +73,7 @@ class ImageClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         optimizer = self.optimizers()  # Lightning's wrapper: counts global_step, runs the precision plugin
+        assert isinstance(optimizer, LightningOptimizer)  # configure_optimizers returns one optimiser
         scheduler = self.lr_schedulers() if self.optim_cfg.scheduler == "onecycle" else None  # per step
         if self.batch_size is None or labels.shape[0] <= self.batch_size:
             steps = [(images, labels)]
@@ -81,18 +83,8 @@ class ImageClassifier(pl.LightningModule):
             logits = self(x)
             loss = self._loss(logits, y)
             optimizer.zero_grad(set_to_none=True)
-            if self._direct:
-                strategy = self.trainer.strategy
-                strategy.pre_backward(loss)  # DDP: prepare the reducer, so this step's gradients are all-reduced
-                loss.backward()
-                strategy.post_backward(loss)
-                self._clip(optimizer)
-                optimizer._on_before_step()  # what LightningOptimizer.step does around the step: count it
-                optimizer.optimizer.step()
-                optimizer._on_after_step()
-            else:
-                self.manual_backward(loss)
-                optimizer.step()  # gradient clipping runs in on_before_optimizer_step, after AMP unscaling
+            self.manual_backward(loss)  # under DDP: this step's gradients are all-reduced
+            optimizer.step()  # gradient clipping runs in on_before_optimizer_step, after AMP unscaling
             if scheduler is not None:
                 scheduler.step()  # type: ignore[union-attr]
             self._track(logits, y, loss)
@@ -115,13 +107,7 @@ class ImageClassifier(pl.LightningModule):
         self.train_acc.update(preds, targets)  # class indices: the same statistics as from the logits
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
 
-    def on_train_start(self) -> None:
-        self._direct = can_step_directly(self.trainer)
-
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self._clip(optimizer)
-
-    def _clip(self, optimizer: Any) -> None:
         if self.grad_clip:
             self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
 
@@ -158,13 +144,11 @@ class ImageClassifier(pl.LightningModule):
         lr = scaled_lr(self.optim_cfg.lr, world_size, self.scale_lr)
         optimizer = build_optimizer(self.parameters(), replace(self.optim_cfg, lr=lr))
         if self.optim_cfg.scheduler == "onecycle":
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=self._total_steps())
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+            onecycle = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=self._total_steps())
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": onecycle, "interval": "step"}}
         if self.optim_cfg.scheduler == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-                optimizer, T_max=max(1, self.trainer.max_epochs or 1)
-            )
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs or 1))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "epoch"}}
         return optimizer
 
     def _total_steps(self) -> int:
