@@ -36,9 +36,16 @@ def imported_names(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
             names |= {f"{node.module}.{alias.name}" for alias in node.names}
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith(f"{PACKAGE}."):
-            names.add(node.value)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if node.value.startswith(f"{PACKAGE}."):
+                names.add(node.value)
+            elif node.value.endswith(".py") and (path.parent / node.value).is_file():  # a sibling loaded by path
+                names.add(_module_name(path.parent / node.value))
     return {n for n in names if n == PACKAGE or n.startswith(f"{PACKAGE}.")}
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(SRC).with_suffix("").parts)
 
 
 def import_closure(entry: Path) -> set[Path]:
@@ -75,6 +82,20 @@ def test_every_module_a_stage_loads_is_a_dep_of_that_stage(name: str) -> None:
     deps = code_deps(stage)
     missing = sorted(str(p.relative_to(ROOT)) for p in import_closure(entry) if not covered(p, deps))
     assert not missing, f"dvc.yaml stage {name!r} loads modules its deps do not cover: {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(stages()))
+def test_every_code_dep_is_loaded_by_that_stage(name: str) -> None:
+    """The other way round: editing a module a stage never loads (the UI's saved view, the predict command)
+    does not re-run it. A folder dep is allowed only when the stage loads every module in it."""
+    stage = stages()[name]
+    entry = next(ROOT / arg for arg in shlex.split(stage["cmd"]) if arg.endswith(".py"))
+    loaded = import_closure(entry)
+    unused = []
+    for dep in code_deps(stage):
+        files = sorted(p for p in dep.rglob("*.py") if "__pycache__" not in p.parts) if dep.is_dir() else [dep]
+        unused += [str(p.relative_to(ROOT)) for p in files if p.suffix == ".py" and p not in loaded]
+    assert not unused, f"dvc.yaml stage {name!r} depends on modules it never loads: {unused}"
 
 
 @pytest.mark.parametrize("name", sorted(stages()))

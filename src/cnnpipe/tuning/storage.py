@@ -32,7 +32,6 @@ from cnnpipe.tracking.uri import resolve_tracking_uri
 WORKER_ATTR = "cnnpipe.worker"
 RUN_ID_ATTR = "cnnpipe.mlflow_run_id"  # the trial's MLflow child run
 SURPLUS_ATTR = "cnnpipe.surplus"  # a trial started past the budget by a racing worker: pruned before training
-INTERRUPTED_ATTR = "cnnpipe.interrupted"
 HEARTBEAT_S = 10
 GRACE_S = 30
 GRACE_ENV = "CNNPIPE_HEARTBEAT_GRACE_S"
