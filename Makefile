@@ -11,6 +11,7 @@ export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
 PYTEST_ARGS ?=
+TEST_WORKERS ?= auto
 
 .PHONY: setup run sweep test lint ui params bench plots compare
 
@@ -48,8 +49,10 @@ sweep: $(STAMP)
 	test -d .git || git init -q
 	$(BIN)/dvc exp run -S sweep=large $(SET)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# Lint first, then the suite on every core (pytest-xdist; each worker's torch and stage processes use one thread).
+# One test file or a marker: make test PYTEST_ARGS="tests/test_config.py" (TEST_WORKERS=0 runs in this process).
+test: lint
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # Benchmarks (not tests): side-by-side ratios, results in bench/results/*.json and docs/benchmarks.md.
 bench: $(STAMP)
@@ -58,6 +61,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src pipelines tests bench
 	$(BIN)/ruff format --check src pipelines tests bench
+	$(BIN)/mypy src
 
 # Regenerate params.yaml from conf/ (what `dvc exp run -S` does with Hydra composition enabled).
 params: $(STAMP)
