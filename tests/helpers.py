@@ -4,6 +4,7 @@ digits project. Fixtures live in tests/conftest.py; no test module imports anoth
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
 import json
 import os
@@ -148,6 +149,27 @@ def poll(predicate, timeout: float = 120.0, what: str = "condition", every: floa
         if predicate():
             return
         time.sleep(every)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def signal_when(pid: int, ready, sig: int, timeout: float = 180.0, what: str = "the moment to signal") -> object:
+    """Send `sig` to `pid` at a moment `ready()` holds, with no race: `pid` is stopped (SIGSTOP) before `ready()`
+    is checked again, so the state it saw (a trial running, say) cannot end before the signal is sent; then it is
+    continued, and a caught signal (SIGINT, SIGTERM) is handled at once. Returns what `ready()` returned.
+    `ready()` must only read (Optuna's journal and PostgreSQL reads take no lock the stopped process holds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                found = ready()
+                if found:
+                    os.kill(pid, sig)
+                    return found
+            finally:
+                with contextlib.suppress(ProcessLookupError):  # SIGKILL: gone already
+                    os.kill(pid, signal.SIGCONT)
+        time.sleep(0.2)
     pytest.fail(f"timed out waiting for {what}")
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.helpers import isolated, needs_postgres, prepared_copy, stage_env
+from tests.helpers import isolated, needs_postgres, prepared_copy, signal_when, stage_env
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 # Tiny, fast trials: no augmented copies, 1-2 epochs.
@@ -109,18 +107,18 @@ def test_killed_sweep_resumes_with_no_lost_or_duplicated_trials(project: Path) -
         stderr=subprocess.DEVNULL,
     )
     journal = project / f".optuna-{name}" / "journal.log"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:  # wait until one trial is done and the next is running
-        if journal.exists():
-            trials = journal_study(project, name).trials
-            if any(t.state == TrialState.COMPLETE for t in trials) and trials[-1].state == TrialState.RUNNING:
-                break
-        time.sleep(0.5)
-    else:
+
+    def second_running() -> bool:  # one trial done and the next one running
+        if not journal.exists():
+            return False
+        trials = journal_study(project, name).trials
+        return any(t.state == TrialState.COMPLETE for t in trials) and trials[-1].state == TrialState.RUNNING
+
+    try:
+        signal_when(proc.pid, second_running, signal.SIGKILL, what="a running second trial")
+    finally:
         proc.kill()
-        pytest.fail("the sweep never got to a running second trial")
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+        proc.wait()
     assert any(t.state == TrialState.RUNNING for t in journal_study(project, name).trials)
 
     proc2 = run_sweep(
@@ -285,13 +283,11 @@ def test_ctrl_c_stops_cleanly_and_the_resumed_study_loses_nothing(project: Path)
         sweep_cmd(*args), cwd=project, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     journal = project / f".optuna-{name}" / "journal.log"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if journal.exists() and any(t.state == TrialState.RUNNING for t in journal_study(project, name).trials):
-            break
-        time.sleep(0.3)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
+
+    def running() -> bool:
+        return journal.exists() and any(t.state == TrialState.RUNNING for t in journal_study(project, name).trials)
+
+    signal_when(proc.pid, running, signal.SIGINT, what="a running trial")  # not between two short trials
     try:
         _, err = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:

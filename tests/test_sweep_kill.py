@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.helpers import PG_ADMIN, ROOT, isolated, needs_postgres, prepared_copy, stage_env
+from tests.helpers import PG_ADMIN, ROOT, isolated, needs_postgres, prepared_copy, signal_when, stage_env
 
 # Tiny, fast trials: the prepared train split as is, 2 epochs each, one thread, no pruning.
 FAST = [
@@ -328,8 +328,9 @@ def test_a_killed_local_worker_is_reaped_its_trial_rerun_and_the_study_finished(
         return pids[0] if pids else None
 
     pid = wait_for(worker_1, 60, "worker 1 to start", proc)
-    trial = wait_for(lambda: journal.exists() and running_trial_of(study, pid), 120, "worker 1's trial", proc)
-    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: journal.exists() and running_trial_of(study, pid), 120, "worker 1's trial", proc)
+    # The check again with the worker stopped, then the kill: the trial seen is the one killed.
+    trial = signal_when(pid, lambda: running_trial_of(study, pid), signal.SIGKILL, what="worker 1's trial")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     warnings = [line for line in err.splitlines() if "warning: worker" in line]
@@ -375,12 +376,14 @@ def test_a_killed_postgresql_sweep_resumes_closes_the_orphaned_run_and_ends_its_
         return running if done else None
 
     try:
-        trial = wait_for(second_trial, 120, "a second trial to run", proc)
+        wait_for(second_trial, 120, "a second trial to run", proc)
         parent_before = optuna.load_study(study_name=name, storage=storage).user_attrs["cnnpipe.mlflow_parent_run_id"]
+        # the stage is the only worker: killed outright, while the trial seen still runs
+        trial = signal_when(proc.pid, second_trial, signal.SIGKILL, what="a second trial to run")
     finally:
         storage.engine.dispose()
-    os.kill(proc.pid, signal.SIGKILL)  # the stage is the only worker: killed outright
-    proc.wait()
+        proc.kill()
+        proc.wait()
 
     again = subprocess.run(
         [sys.executable, "pipelines/sweep.py", *overrides],
