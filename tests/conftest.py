@@ -73,10 +73,16 @@ def _built_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
         project = build_trained_project(tmp_path_factory.mktemp("trained") / "project")
         return project, clone_project(project, tmp_path_factory.mktemp("pristine") / "project")
     shared = tmp_path_factory.getbasetemp().parent / "built-pipeline"
-    with FileLock(f"{shared}.lock"):
+    failed = shared.with_name("built-pipeline.failed")  # one worker's failed build fails the others at once
+    with FileLock(f"{shared}.lock", timeout=1800):  # a flock: released if its worker dies
+        if failed.is_file():
+            pytest.fail(f"the shared pipeline build failed in another worker:\n{failed.read_text()[-3000:]}")
         if not (shared / "done").is_file():
-            shutil.rmtree(shared, ignore_errors=True)  # a build that failed half-way in another worker
-            build_trained_project(shared / "project")
+            try:
+                build_trained_project(shared / "project")
+            except BaseException as exc:
+                failed.write_text(f"{type(exc).__name__}: {exc}")
+                raise
             (shared / "done").touch()
     project = clone_project(shared / "project", tmp_path_factory.mktemp("trained") / "project")
     return project, clone_project(shared / "project", tmp_path_factory.mktemp("pristine") / "project")

@@ -17,8 +17,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -32,6 +34,7 @@ from cnnpipe.models.store import save_model
 from tests.tiny import conf_section
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 BIN = Path(sys.executable).parent
 
 
@@ -152,16 +155,30 @@ def poll(predicate, timeout: float = 120.0, what: str = "condition", every: floa
     pytest.fail(f"timed out waiting for {what}")
 
 
-def signal_when(pid: int, ready, sig: int, timeout: float = 180.0, what: str = "the moment to signal") -> object:
-    """Send `sig` to `pid` at a moment `ready()` holds, with no race: `pid` is stopped (SIGSTOP) before `ready()`
-    is checked again, so the state it saw (a trial running, say) cannot end before the signal is sent; then it is
-    continued, and a caught signal (SIGINT, SIGTERM) is handled at once. Returns what `ready()` returned.
-    `ready()` must only read (Optuna's journal and PostgreSQL reads take no lock the stopped process holds)."""
+def process_state(pid: int) -> str:
+    """The one-letter state of `pid` from /proc (R, S, T stopped, Z zombie...); "" when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rfind(")") + 2]
+
+
+def signal_when(pid: int, ready: Callable[[], T | None], sig: int, timeout: float = 180.0, what: str = "it") -> T:
+    """Send `sig` to `pid` at a moment `ready()` holds, with no race: `pid` is stopped (SIGSTOP, waited for until
+    /proc says so) before `ready()` is checked again, so the state it saw (a trial running, say) cannot end before
+    the signal is sent; then it is continued, and a caught signal (SIGINT, SIGTERM) is handled at once. Returns
+    what `ready()` returned, which must be truthy when ready. `ready()` must only read (Optuna's journal and
+    PostgreSQL reads take no lock the stopped process could hold). Fails at once if `pid` ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process_state(pid) in ("", "Z", "X"):
+            pytest.fail(f"process {pid} ended before {what}")
         if ready():
             os.kill(pid, signal.SIGSTOP)
             try:
+                while process_state(pid) not in ("T", "t", "", "Z", "X") and time.monotonic() < deadline:
+                    time.sleep(0.01)
                 found = ready()
                 if found:
                     os.kill(pid, sig)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,14 @@ def test_without_explicit_keys_the_sweep_values_are_used(tmp_path: Path) -> None
     sweep_result(tmp_path, {"optim.lr": 0.0042})
     used, tags = apply_hparams(load_config([], root=ROOT), tmp_path)
     assert used.optim.lr == 0.0042 and "cnnpipe.hparams_set_by_user" not in tags
+
+
+def test_a_sweep_result_naming_an_unknown_model_is_refused_before_training(tmp_path: Path) -> None:
+    """The sweep's values are validated as a user's are: model.name against the names conf/model declares."""
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    sweep_result(tmp_path, {"model.name": "vgg99"})
+    with pytest.raises(ConfigError, match=r"model.name must be one of .*cnn.*, got 'vgg99'"):
+        apply_hparams(load_config([], root=ROOT), tmp_path)
 
 
 def test_a_tuned_keys_base_value_is_not_part_of_the_study_identity() -> None:

@@ -166,6 +166,20 @@ def test_optimizer_built_by_name_has_the_configured_values(option: str) -> None:
     optimizer = build_optimizer(nn.Linear(3, 2).parameters(), cfg)
     group = optimizer.param_groups[0]
     assert (group["lr"], group["weight_decay"]) == (0.0123, 0.0042)
+    if "momentum" in group:  # sgd, rmsprop: the configured momentum; sgd's Nesterov only with momentum
+        assert group["momentum"] == cfg.momentum
+    if "nesterov" in group:
+        assert group["nesterov"] == (cfg.nesterov and cfg.momentum > 0)
+        without = build_optimizer(nn.Linear(3, 2).parameters(), replace(cfg, momentum=0.0, nesterov=True))
+        assert without.param_groups[0]["nesterov"] is False  # torch refuses Nesterov without momentum
+
+
+def test_a_builder_registered_under_a_taken_name_registers_none_of_its_names(tiny_model: str) -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("test_fresh_name", tiny_model)(lambda cfg, **kw: nn.Identity())
+    assert "test_fresh_name" not in model_names()
+    with pytest.raises(ValueError, match="at least one name"):
+        register_model()
 
 
 def test_registered_optimizer_builds_by_name() -> None:

@@ -147,6 +147,29 @@ def test_the_newest_folder_with_the_same_config_is_resumed_from_last_ckpt(cfg: C
     assert is_free(root / "older")
 
 
+def test_a_folder_removed_while_resume_looks_is_skipped(
+    cfg: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another run finishes and removes its folder between the listing and the stat of its checkpoint."""
+    root = tmp_path / "ckpt"
+    older = run_folder(root, cfg, "older", last=1, mtime_s=1_000)
+    finishing = run_folder(root, cfg, "finishing", last=2, mtime_s=3_000)
+    real_stat, calls = Path.stat, []
+
+    def stat_after_removal(self: Path, *args: object, **kwargs: object) -> os.stat_result:
+        if self.parent.parent == finishing and self.name == LAST:
+            calls.append(self)
+            if len(calls) > 1:  # is_file() saw it; by the time its mtime is read, it is gone
+                raise FileNotFoundError(2, "No such file or directory", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat_after_removal)
+    found = find_resumable(cfg, root)
+    monkeypatch.undo()
+    assert len(calls) == 2  # the race happened: listed, then gone
+    assert found is not None and (found.run_id, found.folder) == ("older", older)
+
+
 def test_a_folder_held_by_a_live_process_is_skipped(cfg: Config, tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
     run_folder(root, cfg, "older", last=1, mtime_s=1_000)
@@ -248,11 +271,12 @@ def test_checkpoint_epoch_reads_the_epoch_or_minus_one(tmp_path: Path) -> None:
     assert checkpoint_epoch(tmp_path / "b.ckpt") == (-1, "")
 
 
-def test_set_aside_never_overwrites_an_earlier_damaged_file(tmp_path: Path) -> None:
+def test_set_aside_never_overwrites_an_earlier_damaged_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / LAST
-    now = time.time()
-    stamps = {time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now + dt)) for dt in (0, 1, 2)}
-    for stamp in stamps:  # earlier set-asides with this second's name (and the next two seconds')
+    frozen = time.gmtime(1_700_000_000)  # the clock stands still: a loaded machine cannot move to the next second
+    monkeypatch.setattr(time, "gmtime", lambda *args: frozen)
+    stamps = {time.strftime("%Y%m%dT%H%M%SZ", frozen)}
+    for stamp in stamps:  # earlier set-asides with this second's name
         (tmp_path / f"{LAST}.damaged-{stamp}").write_text("first")
         (tmp_path / f"{LAST}.damaged-{stamp}~1").write_text("second")
     path.write_text("third")

@@ -287,7 +287,12 @@ def test_ctrl_c_stops_cleanly_and_the_resumed_study_loses_nothing(project: Path)
     def running() -> bool:
         return journal.exists() and any(t.state == TrialState.RUNNING for t in journal_study(project, name).trials)
 
-    signal_when(proc.pid, running, signal.SIGINT, what="a running trial")  # not between two short trials
+    try:
+        signal_when(proc.pid, running, signal.SIGINT, what="a running trial")  # not between two short trials
+    except BaseException:  # the sweep ended first, or never ran a trial: do not leave it running
+        proc.kill()
+        proc.wait()
+        raise
     try:
         _, err = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:

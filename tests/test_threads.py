@@ -100,7 +100,7 @@ def test_building_the_trainer_sets_torch_threads(cores: SetCores, torch_threads:
 
 def test_sweep_workers_get_their_share_in_env_and_config(cores: SetCores, monkeypatch: pytest.MonkeyPatch) -> None:
     """`_spawn_workers` hands each worker process its share, before it imports torch (OMP_NUM_THREADS)."""
-    from cnnpipe.tuning import pool as run_sweep
+    from cnnpipe.tuning import pool
 
     seen: list[tuple[str, int]] = []
 
@@ -113,10 +113,10 @@ def test_sweep_workers_get_their_share_in_env_and_config(cores: SetCores, monkey
         def poll(self) -> int:
             return 0
 
-    monkeypatch.setattr(run_sweep.subprocess, "Popen", FakeWorker)
-    monkeypatch.setattr(run_sweep, "POLL_S", 0)
+    monkeypatch.setattr(pool.subprocess, "Popen", FakeWorker)
+    monkeypatch.setattr(pool, "POLL_S", 0)
     cores(4)
-    run_sweep._spawn_workers(config("sweep.workers=2"), Path("."), "parent", None, None)  # type: ignore[arg-type]
+    pool._spawn_workers(config("sweep.workers=2"), Path("."), "parent", None, None)  # type: ignore[arg-type]
     assert seen == [("1", 1), ("1", 1)]  # (4 - 1) // 2, not cpu_count() // 2
 
 

@@ -629,12 +629,13 @@ def validate_sweep(cfg: Config) -> None:
         _check(not (p.log and p.step is not None), f"{where}.step", "null when log is true", p.step)
 
 
-def with_values(cfg: Config, values: dict[str, Any], source: str = "overrides") -> Config:
-    """A copy of `cfg` with dotted keys set (`{"optim.lr": 0.01}`), re-checked and re-validated."""
+def with_values(cfg: Config, values: dict[str, Any], source: str = "overrides", root: Path | None = None) -> Config:
+    """A copy of `cfg` with dotted keys set (`{"optim.lr": 0.01}`), re-checked and re-validated (with the project
+    `root`, the names of `model.name` / `optim.name` against conf/ too, as `load_config` does)."""
     tree = OmegaConf.create(as_dict(cfg))
     for key, value in values.items():
         OmegaConf.update(tree, key, value, merge=False)
-    return to_config(OmegaConf.to_container(tree), source=source)  # type: ignore[arg-type]
+    return to_config(OmegaConf.to_container(tree), source=source, root=root)  # type: ignore[arg-type]
 
 
 def as_dict(cfg: Config) -> dict[str, Any]:

@@ -22,11 +22,14 @@ class Registry(Generic[B]):
     def register(self, *names: str) -> Callable[[B], B]:
         """Decorator: the builder makes the options named `names` (one builder may serve several)."""
 
+        if not names:
+            raise ValueError(f"register a {self.key} builder under at least one name")
+
         def register(builder: B) -> B:
-            for name in names:
-                if self._builders.get(name, builder) is not builder:
-                    raise ValueError(f"{self.key} {name!r} is already registered (by {self._builders[name]!r})")
-                self._builders[name] = builder
+            taken = [n for n in names if self._builders.get(n, builder) is not builder]
+            if taken:  # checked before any name is registered: nothing half-registered
+                raise ValueError(f"{self.key} {taken[0]!r} is already registered (by {self._builders[taken[0]]!r})")
+            self._builders.update(dict.fromkeys(names, builder))
             return builder
 
         return register

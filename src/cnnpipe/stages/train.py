@@ -54,7 +54,7 @@ def apply_hparams(cfg: Config, root: Path, explicit: frozenset[str] = frozenset(
         raise DataError(f"{path}: not a cnnpipe sweep result (no `params` mapping)")
     swept = {k: v for k, v in best["params"].items() if k not in explicit}
     kept = {k: v for k, v in best["params"].items() if k in explicit}
-    tuned = with_values(cfg, swept, source=str(path))
+    tuned = with_values(cfg, swept, source=str(path), root=root)
     tags = {
         "cnnpipe.hparams": "sweep",
         "cnnpipe.sweep_study": str(best.get("study")),

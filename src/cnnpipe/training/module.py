@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from cnnpipe.config import OptimConfig
@@ -72,9 +73,9 @@ class ImageClassifier(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        optimizer = self.optimizers()  # Lightning's wrapper: counts global_step, runs the precision plugin
-        assert isinstance(optimizer, LightningOptimizer)  # configure_optimizers returns one optimiser
-        scheduler = self.lr_schedulers() if self.optim_cfg.scheduler == "onecycle" else None  # per step
+        # Lightning's wrapper (counts global_step, runs the precision plugin); configure_optimizers returns one
+        optimizer = cast(LightningOptimizer, self.optimizers())
+        scheduler = cast(LRScheduler, self.lr_schedulers()) if self.optim_cfg.scheduler == "onecycle" else None
         if self.batch_size is None or labels.shape[0] <= self.batch_size:
             steps = [(images, labels)]
         else:
@@ -86,7 +87,7 @@ class ImageClassifier(pl.LightningModule):
             self.manual_backward(loss)  # under DDP: this step's gradients are all-reduced
             optimizer.step()  # gradient clipping runs in on_before_optimizer_step, after AMP unscaling
             if scheduler is not None:
-                scheduler.step()  # type: ignore[union-attr]
+                scheduler.step()
             self._track(logits, y, loss)
         if self.trainer.is_last_batch:  # log before the callbacks' on_train_epoch_end reads the metrics
             self._log_train_epoch()
@@ -116,7 +117,7 @@ class ImageClassifier(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         if self.optim_cfg.scheduler == "cosine":  # per-epoch schedule; callbacks read the lr before this
-            self.lr_schedulers().step()  # type: ignore[union-attr]
+            cast(LRScheduler, self.lr_schedulers()).step()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch

@@ -91,7 +91,7 @@ class TrialRecovery:
     def close_run(self, trial: FrozenTrial, reason: str) -> bool:
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
         if not run_id:
-            return False  # killed before its run started; run_sweep's pass over child runs catches the rest
+            return False  # killed before its run started; pool.close_orphaned_trial_runs catches the rest
         return close_trial_run(resolve_tracking_uri(self.tracking_uri, self.root), str(run_id), reason)
 
 

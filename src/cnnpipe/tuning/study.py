@@ -212,21 +212,23 @@ def load_study(cfg: Config, root: Path, worker_index: int = 0, create: bool = Fa
     from how many trials it already holds (see `sampler_seed`)."""
     storage = open_storage(cfg, root)
     name = study_name(cfg)
-    kwargs = {
-        "study_name": name,
-        "storage": storage,
-        "sampler": build_sampler(cfg, worker_index),
-        "pruner": build_pruner(cfg),
-    }
+    sampler, pruner = build_sampler(cfg, worker_index), build_pruner(cfg)
     if create:
-        study = optuna.create_study(direction=cfg.sweep.direction, load_if_exists=True, **kwargs)  # type: ignore[arg-type]
+        study = optuna.create_study(
+            study_name=name,
+            storage=storage,
+            sampler=sampler,
+            pruner=pruner,
+            direction=optuna.study.StudyDirection[cfg.sweep.direction.upper()],
+            load_if_exists=True,
+        )
         if study.direction.name.lower() != cfg.sweep.direction:  # only a pinned name: the hash covers direction
             raise ConfigError(
                 f"sweep.direction is {cfg.sweep.direction}, but study {name!r} in this storage was created to "
                 f"{study.direction.name.lower()}: set another sweep.study_name (or leave it empty) for a new study"
             )
     else:
-        study = optuna.load_study(**kwargs)  # type: ignore[arg-type]
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     so_far = len(study.get_trials(deepcopy=False))
     if so_far:
         study.sampler = build_sampler(cfg, worker_index, so_far)
