@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from filelock import FileLock
 
-from tests.helpers import build_trained_project, clone_project
+from tests.helpers import PG_ADMIN, build_trained_project, clone_project, postgres_up
 
 # Everything in tests runs on the CPU with few threads: the machine has 2 cores.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -98,3 +99,23 @@ def trained_project(_built_project: tuple[Path, Path]) -> Path:
 def fresh_trained_project(_built_project: tuple[Path, Path], tmp_path: Path) -> Path:
     """A project of its own, as the pipeline left it: for tests that change params, outputs or the registry."""
     return clone_project(_built_project[1], tmp_path / "project")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A throwaway PostgreSQL database of its own (the local server, trust auth), dropped afterwards; the test
+    is skipped when no PostgreSQL answers."""
+    if not postgres_up():
+        pytest.skip("no PostgreSQL answers at 127.0.0.1:5432")
+    import sqlalchemy as sa
+
+    db = f"cnnpipe_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {db}"))
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{db}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        admin.dispose()

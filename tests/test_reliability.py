@@ -8,13 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import PG_ADMIN, free_port, needs_postgres, prepared_copy, stage_env
+from tests.helpers import free_port, needs_postgres, prepared_copy, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -178,13 +177,9 @@ def test_same_seed_deterministic_gives_identical_results(project: Path) -> None:
 
 
 @needs_postgres
-def test_two_trainings_at_once_against_an_mlflow_server_on_postgresql(project: Path, tmp_path: Path) -> None:
-    import sqlalchemy as sa
-
-    db = f"cnnpipe_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {db}"))
+def test_two_trainings_at_once_against_an_mlflow_server_on_postgresql(
+    project: Path, tmp_path: Path, pg_url: str
+) -> None:
     port = free_port()
     env = {**stage_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen(
@@ -192,7 +187,7 @@ def test_two_trainings_at_once_against_an_mlflow_server_on_postgresql(project: P
             str(Path(sys.executable).parent / "mlflow"),
             "server",
             "--backend-store-uri",
-            f"postgresql://postgres@127.0.0.1:5432/{db}",
+            pg_url,
             "--default-artifact-root",
             str(tmp_path / "artifacts"),
             "--host",
@@ -248,5 +243,3 @@ def test_two_trainings_at_once_against_an_mlflow_server_on_postgresql(project: P
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"))

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import optuna
@@ -18,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.helpers import PG_ADMIN, ROOT, isolated, needs_postgres, prepared_copy, signal_when, stage_env
+from tests.helpers import ROOT, isolated, needs_postgres, prepared_copy, signal_when, stage_env
 
 # Tiny, fast trials: the prepared train split as is, 2 epochs each, one thread, no pruning.
 FAST = [
@@ -29,21 +28,6 @@ FAST = [
     "sweep.n_startup_trials=2",
     "trainer.threads=1",
 ]
-
-
-@pytest.fixture
-def pg_url() -> str:
-    """A throwaway PostgreSQL database for one test."""
-    import sqlalchemy as sa
-
-    db = f"cnnpipe_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {db}"))
-    yield f"postgresql://postgres@127.0.0.1:5432/{db}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-    admin.dispose()
 
 
 def config(tmp: Path, *overrides: str):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import socket
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,7 +46,7 @@ from cnnpipe.tuning.study import (
     sampler_seed,
     study_name,
 )
-from tests.helpers import PG_ADMIN, ROOT, needs_postgres
+from tests.helpers import ROOT, needs_postgres
 
 X = FloatDistribution(0.0, 1.0)
 HOST = socket.gethostname()
@@ -464,21 +463,6 @@ def test_load_study_on_sqlite_storage(tmp_path: Path) -> None:
     assert [t.state for t in study.trials] == [TrialState.COMPLETE]
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE  # the committed config's direction
     assert not (tmp_path / ".optuna").exists()
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A throwaway PostgreSQL database for one test."""
-    db = f"cnnpipe_unit_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {db}"))
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{db}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-        admin.dispose()
 
 
 @pytest.mark.slow  # creating and dropping a PostgreSQL database takes seconds
