@@ -15,8 +15,8 @@ PACKAGE = "cnnpipe"
 LAYERS = [
     {"errors", "console", "processes", "redact"},
     {"atomic", "registry"},
-    {"config", "evaluation", "offline_plots"},
-    {"threads", "data"},
+    {"config", "figures", "offline_plots"},
+    {"evaluation", "threads", "data"},
     {"models"},
     {"tracking"},
     {"training", "serving"},

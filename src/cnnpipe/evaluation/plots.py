@@ -4,19 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt
 import numpy as np
 
-from cnnpipe.atomic import atomic_path
-
-
-def _save(fig: plt.Figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+from cnnpipe.figures import plt, save_png
 
 
 def plain_label(text: str) -> str:
@@ -46,4 +36,4 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: st
                     fontsize=8,
                     color="white" if matrix[i, j] > peak / 2 else "black",
                 )
-    _save(fig, path)
+    save_png(fig, path)

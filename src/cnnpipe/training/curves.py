@@ -6,13 +6,9 @@ import csv
 import io
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt
 import numpy as np
 
-from cnnpipe.atomic import atomic_path
+from cnnpipe.figures import plt, save_png
 
 HISTORY_COLUMNS = ("epoch", "train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro", "lr")
 
@@ -43,6 +39,4 @@ def plot_curves(rows: list[dict[str, float]], path: Path) -> None:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_png(fig, path)

@@ -8,14 +8,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import optuna
 from optuna.trial import TrialState
 
-from cnnpipe.atomic import atomic_path
+from cnnpipe.figures import plt, save_png
 from cnnpipe.tuning.objective import RUN_ID_ATTR
 
 STATE_NAMES = {
@@ -73,9 +69,8 @@ def _save_plot(draw: Any, study: optuna.Study, path: Path, title: str) -> None:
         fig, ax = plt.subplots(figsize=(6, 2))
         ax.axis("off")
         ax.text(0.5, 0.5, f"{title}: not available yet\n({exc})", ha="center", va="center", wrap=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close("all")
+    save_png(fig, path, dpi=100)
+    plt.close("all")  # and any figure a failed `draw` left behind
 
 
 def write_plots(study: optuna.Study, folder: Path) -> None:
