@@ -42,8 +42,9 @@ def hook_listener() -> Any:
     return ListensToBackward()
 
 
-def one_step_per_call(cfg: Any) -> Any:
-    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, steps_per_call=1))
+def with_steps_per_call(cfg: Any, per_call: int) -> Any:
+    """`cfg` with `trainer.steps_per_call` set (the ablation's and bench.b1_step_modes' sides)."""
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, steps_per_call=per_call))
 
 
 # (label, pstats key filter: a substring of "file:line(function)") for the cumulative breakdown.
@@ -100,7 +101,7 @@ def run(
     breakdown = profile_fit(cfg, meta, train, val)
     for label, seconds in breakdown.items():
         print(f"[{name}] {seconds:7.3f} s  {label}")
-    single = one_step_per_call(cfg)
+    single = with_steps_per_call(cfg, 1)
     sides = {
         "lightning": lambda out: train_ours(single, meta, train, val, out, callbacks=[hook_listener()]),
         "ours": lambda out: train_ours(cfg, meta, train, val, out),

@@ -36,14 +36,13 @@ entry and keeps the others); not a table row of docs/benchmarks.md.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.b1_profile import hook_listener
+from bench.b1_profile import hook_listener, with_steps_per_call
 from bench.b1_train_step import SYNTHETIC, overrides, synthetic_data, train_ours, train_raw
 from bench.timing import RESULTS, cli, interleaved, median, paired_ratios, pin_threads, spread, stopwatch, write_result
 from bench.timing import result as make_result
@@ -162,10 +161,6 @@ def train_automatic(
     out["epoch_s"] = [row["epoch_time_s"] for row in history.rows]
     out["global_step"] = int(trainer.global_step)
     return t["s"]
-
-
-def with_steps_per_call(cfg: Any, per_call: int) -> Any:
-    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, steps_per_call=per_call))
 
 
 def run(
