@@ -3,6 +3,7 @@ digits project. Fixtures live in tests/conftest.py; no test module imports anoth
 
 from __future__ import annotations
 
+import ast
 import atexit
 import contextlib
 import io
@@ -36,6 +37,25 @@ from tests.tiny import conf_section
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
 BIN = Path(sys.executable).parent
+
+
+def imported_modules(tree: ast.AST, package: str = "") -> set[str]:
+    """The absolute names of the modules the code `tree` imports, at any depth (function-level imports too): a
+    `from m import x` may import the submodule m.x, so both m and m.x are named; relative imports are resolved
+    against `package`, the package the code lives in. Read statically (tests/test_dvc_deps.py,
+    tests/test_layers.py): an import-time check would miss the imports of code that did not run."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join([*parts[: len(parts) - node.level + 1], *filter(None, [base])])
+            names.add(base)
+            names |= {f"{base}.{alias.name}" for alias in node.names}
+    return names
 
 
 def copy_project(dest: Path) -> Path:

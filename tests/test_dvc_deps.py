@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import imported_modules
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 PACKAGE = "cnnpipe"
@@ -29,14 +31,11 @@ def module_file(name: str) -> Path | None:
 def imported_names(path: Path) -> set[str]:
     """Absolute names of the project modules `path` imports (a `from m import x` may import submodule m.x),
     plus modules started with `python -m cnnpipe...` from a string in the code."""
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names |= {f"{node.module}.{alias.name}" for alias in node.names}
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+    tree = ast.parse(path.read_text(), str(path))
+    package = _module_name(path).rpartition(".")[0] if path.is_relative_to(SRC) else ""
+    names = imported_modules(tree, package)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
             if node.value.startswith(f"{PACKAGE}."):
                 names.add(node.value)
             elif node.value.endswith(".py") and (path.parent / node.value).is_file():  # a sibling loaded by path
