@@ -538,11 +538,11 @@ def validate(cfg: Config, root: Path | None = None) -> None:
     )
     _check(tk.champion_mode in ("min", "max"), "tracking.champion_mode", "min or max", tk.champion_mode)
     validate_sweep(cfg)
+    named = {f"{group}.name": group for group in NAMED_GROUPS}
     for entry, p in cfg.sweep.space.items():  # trials re-validate without the root: their names are checked here
-        group = p.key.removesuffix(".name")
-        if group in NAMED_GROUPS and p.key == f"{group}.name" and p.type == "categorical":
+        if p.type == "categorical" and p.key in named:
             for choice in p.choices or []:
-                _check_name(names, group, choice, f"sweep.space.{entry}.choices")
+                _check_name(names, named[p.key], choice, f"sweep.space.{entry}.choices")
     if root is not None:
         validate_paths(cfg, root)
 
