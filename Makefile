@@ -2,7 +2,8 @@
 # the venv's bin/ is put first on PATH so stage commands never pick up another interpreter).
 SHELL := /bin/bash
 PYTHON ?= python3
-TORCH_VERSION ?= 2.13.0
+TORCH_VERSION ?= 2.14.1
+TORCHVISION_VERSION ?= 0.29.1
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -19,12 +20,14 @@ PLOTS_TEMPLATE := .dvc/plots-offline.html
 
 setup: $(STAMP) $(PLOTS_TEMPLATE)
 
-# torch goes in first, pinned, so no other requirement can pull a newer (CUDA, several GB) build.
+# torch and torchvision go in first, pinned as a pair (timm needs torchvision, and torchvision imports only
+# beside the torch it was built for), so no other requirement can pull another build. Their own dependencies
+# (the CUDA libraries, triton) follow the build chosen, so the lock's constraints leave them out.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
-	grep -v '^torch==' requirements.lock > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" "torchvision==$(TORCHVISION_VERSION)"
+	grep -Ev '^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)==' requirements.lock > $(VENV)/constraints.txt
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
 	touch $(STAMP)
 

@@ -211,7 +211,8 @@ def test_root_with_its_own_conf(tmp_path: Path) -> None:
     shutil.copytree(CONF, tmp_path / "conf")
     shutil.copy(PARAMS, tmp_path / "params.yaml")
     (tmp_path / "conf" / "optim" / "fast.yaml").write_text(
-        "name: sgd\nlr: 0.9\nweight_decay: 0.0\nmomentum: 0.5\nnesterov: false\nscheduler: none\n"
+        "name: sgd\nlr: 0.9\nweight_decay: 0.0\nmomentum: 0.5\nnesterov: false\nscheduler: none\nbackbone_lr: 1.0\n"
+        "decay_norm_bias: false\n"
     )
     cfg = load_config(["optim=fast"], root=tmp_path)
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.scheduler) == ("sgd", 0.9, "none")

@@ -32,6 +32,9 @@ PRUNERS = ("median", "hyperband", "none")
 PARAM_TYPES = ("float", "int", "categorical")
 PRECISIONS = ("auto", "32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+POLICIES = ("none", "randaugment", "trivialaugment")
+PRETRAINED_FAMILIES = ("timm",)  # model.name values that take model.arch / pretrained / weights
 _ABSENT = object()  # a key a mapping does not have (None is a value)
 OUTPUT_PATHS = ("prepared", "augmented", "models", "eval", "checkpoints", "sweep", "optuna")
 SOURCE_FOLDERS = (".git", ".dvc", "src", "conf", "pipelines", "tests")  # no output path may lie in these
@@ -55,11 +58,22 @@ class DataConfig:
     name: str
     path: str | None
     channels: int
-    image_size: int
+    image_size: int | None  # the network's input size; None: the model's own (models/preprocess.py)
     split: SplitConfig
     batch_size: int
     on_device: str
     workers: int
+
+
+@dataclass
+class OnlineAugmentConfig:
+    """Drawn afresh for every training batch, per image, on the training device (kornia, timm's Mixup)."""
+
+    crop_scale: list[float] | None
+    hflip: bool
+    policy: str
+    mixup: float
+    cutmix: float
 
 
 @dataclass
@@ -75,6 +89,7 @@ class AugmentConfig:
     erase_prob: float
     erase_area: list[float]
     preview: int
+    online: OnlineAugmentConfig
 
 
 @dataclass
@@ -87,6 +102,13 @@ class ModelConfig:
     batch_norm: bool
     init_from: str | None
     freeze_epochs: int
+    arch: str | None
+    pretrained: bool
+    weights: str | None
+    mean: list[float] | None
+    std: list[float] | None
+    interpolation: str | None
+    crop_pct: float | None
 
 
 @dataclass
@@ -97,6 +119,8 @@ class OptimConfig:
     momentum: float
     nesterov: bool
     scheduler: str
+    backbone_lr: float
+    decay_norm_bias: bool
 
 
 @dataclass
@@ -110,6 +134,8 @@ class TrainConfig:
     early_stopping_patience: int
     deterministic: bool
     resume: str
+    ema: float
+    accumulate: int
 
 
 @dataclass
@@ -441,7 +467,12 @@ def validate(cfg: Config, root: Path | None = None) -> None:
     if d.name in ("imagefolder", "mnist_idx"):
         _check(bool(d.path), "data.path", f"a folder for data={d.name}", d.path)
     _check(d.channels in (1, 3), "data.channels", "1 or 3", d.channels)
-    _check(4 <= d.image_size <= 1024, "data.image_size", "between 4 and 1024", d.image_size)
+    _check(
+        d.image_size is None or 4 <= d.image_size <= 1024,
+        "data.image_size",
+        "null (the model's own) or between 4 and 1024",
+        d.image_size,
+    )
     for part in ("train", "val", "test"):
         ratio = getattr(d.split, part)
         _check(_finite(ratio) and 0 < ratio < 1, f"data.split.{part}", "in (0, 1)", ratio)
@@ -472,6 +503,17 @@ def validate(cfg: Config, root: Path | None = None) -> None:
         a.erase_area,
     )
     _check(0 <= a.preview <= 1024, "augment.preview", "between 0 and 1024", a.preview)
+    on = a.online
+    _check(
+        on.crop_scale is None or (len(on.crop_scale) == 2 and 0 < on.crop_scale[0] <= on.crop_scale[1] <= 1),
+        "augment.online.crop_scale",
+        "null or [low, high] with 0 < low <= high <= 1",
+        on.crop_scale,
+    )
+    _check(on.policy in POLICIES, "augment.online.policy", f"one of {', '.join(POLICIES)}", on.policy)
+    for key in ("mixup", "cutmix"):
+        value = getattr(on, key)
+        _check(_finite(value) and value >= 0, f"augment.online.{key}", ">= 0 (a Beta alpha; 0 = off)", value)
 
     m = cfg.model
     _check_name(names, "model", m.name)
@@ -486,10 +528,56 @@ def validate(cfg: Config, root: Path | None = None) -> None:
     _check(_finite(m.dropout) and 0 <= m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
     _check(m.freeze_epochs >= 0, "model.freeze_epochs", ">= 0", m.freeze_epochs)
     _check(
-        not m.freeze_epochs or bool(m.init_from),
+        not m.freeze_epochs or bool(m.init_from) or m.pretrained,
         "model.freeze_epochs",
-        "0 unless model.init_from is set",
+        "0 unless the backbone comes trained (model.init_from set, or model.pretrained=true)",
         m.freeze_epochs,
+    )
+    if m.name in PRETRAINED_FAMILIES:
+        _check(bool(m.arch), "model.arch", f"a model name for model={m.name} (e.g. resnet18.a1_in1k)", m.arch)
+        _check(
+            not (m.weights and not m.pretrained),
+            "model.weights",
+            "null when model.pretrained=false (weights are only loaded for a pretrained backbone)",
+            m.weights,
+        )
+        _check(
+            not (m.pretrained and m.init_from),
+            "model.init_from",
+            "null when model.pretrained=true (the backbone's weights come from one place)",
+            m.init_from,
+        )
+    else:
+        for key, off in (("arch", None), ("pretrained", False), ("weights", None)):
+            value = getattr(m, key)
+            _check(
+                value == off,
+                f"model.{key}",
+                f"{off if off is not None else 'null'} for model={m.name} (only {', '.join(PRETRAINED_FAMILIES)} "
+                "takes it)",
+                value,
+            )
+    for key in ("mean", "std"):
+        value = getattr(m, key)
+        _check(
+            value is None
+            or (len(value) == d.channels and all(_finite(v) and (v > 0 if key == "std" else True) for v in value)),
+            f"model.{key}",
+            f"null (the model's own) or {d.channels} number(s), one per data channel"
+            + (", > 0" if key == "std" else ""),
+            value,
+        )
+    _check(
+        m.interpolation is None or m.interpolation in INTERPOLATIONS,
+        "model.interpolation",
+        f"null (the model's own) or one of {', '.join(INTERPOLATIONS)}",
+        m.interpolation,
+    )
+    _check(
+        m.crop_pct is None or (_finite(m.crop_pct) and 0.5 <= m.crop_pct <= 1),
+        "model.crop_pct",
+        "null (the model's own) or in [0.5, 1]",
+        m.crop_pct,
     )
 
     o = cfg.optim
@@ -498,6 +586,7 @@ def validate(cfg: Config, root: Path | None = None) -> None:
     _check(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
     _check(_finite(o.momentum) and 0 <= o.momentum < 1, "optim.momentum", "in [0, 1)", o.momentum)
     _check(o.scheduler in SCHEDULERS, "optim.scheduler", f"one of {', '.join(SCHEDULERS)}", o.scheduler)
+    _check(_finite(o.backbone_lr) and 0 < o.backbone_lr <= 1, "optim.backbone_lr", "in (0, 1]", o.backbone_lr)
 
     t = cfg.train
     _check(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
@@ -513,6 +602,8 @@ def validate(cfg: Config, root: Path | None = None) -> None:
     _check(t.monitor_mode in ("min", "max"), "train.monitor_mode", "min or max", t.monitor_mode)
     _check(t.resume in ("auto", "never"), "train.resume", "auto or never", t.resume)
     _check(t.early_stopping_patience >= 0, "train.early_stopping_patience", ">= 0", t.early_stopping_patience)
+    _check(_finite(t.ema) and (t.ema == 0 or 0.5 <= t.ema < 1), "train.ema", "0 (off) or in [0.5, 1)", t.ema)
+    _check(1 <= t.accumulate <= 1024, "train.accumulate", "between 1 and 1024", t.accumulate)
 
     tr = cfg.trainer
     _check(

@@ -39,8 +39,24 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(scaled.round().astype(np.uint8), mode="L")
 
 
-def decode_image(path: Path, channels: int, size: int) -> np.ndarray:
-    """uint8 array (channels, size, size); EXIF orientation applied; alpha composited over black."""
+RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+
+def square_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """The central square of a width x height image (left, top, right, bottom): what remains of a photo once its
+    short side is resized to the stored size, as torchvision's Resize(short side) + CenterCrop keep it."""
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def decode_image(path: Path, channels: int, size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """uint8 array (channels, size, size): the image's central square, resized with `interpolation`; EXIF
+    orientation applied; alpha composited over black."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -55,7 +71,8 @@ def decode_image(path: Path, channels: int, size: int) -> np.ndarray:
             img = Image.alpha_composite(background, rgba)
         img = img.convert("L" if channels == 1 else "RGB")
         if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+            box = square_box(*img.size)
+            img = img.resize((size, size), RESAMPLING[interpolation], box=box, reducing_gap=3.0)
     except DECODE_ERRORS as exc:
         raise ImageDecodeError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     arr = np.asarray(img, dtype=np.uint8)

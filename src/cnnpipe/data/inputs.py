@@ -6,9 +6,10 @@ Accepted, so the same model answers Python callers, `mlflow models serve` JSON a
 - encoded image files (PNG, JPEG, ... anything Pillow reads) as bytes, or as base64 text (MLflow's JSON);
 - a DataFrame / Series / dict holding one of those in a column `image` (or a frame's only column), one image a row.
 
-Preprocessing is the training data's: encoded files go through `decode_image` (EXIF orientation, alpha over
-black, 16-bit stretch, channels, bilinear resize), arrays through `fit_images` (as the digits / MNIST sources).
-Scaling to [0, 1] is left to the predictor; the network normalises itself.
+Preprocessing is the training data's (the model's spec says it): encoded files go through `decode_image` (EXIF
+orientation, alpha over black, 16-bit stretch, channels, the central square resized with the model's interpolation),
+arrays through `fit_images` (as the digits / MNIST sources). Scaling to [0, 1] is left to the predictor; the network
+crops and normalises itself.
 
 Decoding is bounded, since a few KB of PNG can announce a 9,400 x 9,400 image: each image's size is read from its
 header before any pixel is decoded, and an image over `CNNPIPE_MAX_IMAGE_PIXELS` (default 40 M pixels, e.g. 7,300 x
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from cnnpipe.data.images import DECODE_ERRORS, ImageDecodeError, _to_8bit, decode_image
+from cnnpipe.data.images import DECODE_ERRORS, RESAMPLING, ImageDecodeError, _to_8bit, decode_image, square_box
 from cnnpipe.data.sources import fit_images
 from cnnpipe.errors import DataError
 
@@ -110,9 +111,12 @@ class ImageBatch:
     errors: list[str | None]  # per row: why it could not be used, or None
 
 
-def to_batch(model_input: Any, in_shape: Sequence[int], limits: PixelLimits | None = None) -> ImageBatch:
-    """Normalise any accepted input to one batch at `in_shape` (C, H, W). Whole-input problems (a bad array
-    shape or dtype, pixel arrays over the limits) raise DataError; a single undecodable file, or one over the
+def to_batch(
+    model_input: Any, in_shape: Sequence[int], limits: PixelLimits | None = None, interpolation: str = "bilinear"
+) -> ImageBatch:
+    """Normalise any accepted input to one batch at `in_shape` (C, H, W): each image's central square resized with
+    `interpolation`, as prepare stored the training images (the model's spec says both). Whole-input problems (a bad
+    array shape or dtype, pixel arrays over the limits) raise DataError; a single undecodable file, or one over the
     pixel limits (`limits`, default from the environment), only marks its row."""
     channels, size = int(in_shape[0]), int(in_shape[-1])
     budget = _Budget(limits or PixelLimits.from_env())
@@ -121,12 +125,12 @@ def to_batch(model_input: Any, in_shape: Sequence[int], limits: PixelLimits | No
         batch = _batch_nchw(cells, in_shape)
         for _ in range(len(batch)):
             budget.take(batch.shape[-1], batch.shape[-2])
-        return ImageBatch(_fit_pixels(batch, channels, size), [None] * len(cells))
+        return ImageBatch(_fit_pixels(batch, channels, size, interpolation), [None] * len(cells))
     images = np.zeros((len(cells), channels, size, size), dtype=np.uint8)
     errors: list[str | None] = [None] * len(cells)
     for i, cell in enumerate(cells):
         try:
-            images[i] = _one_image(cell, in_shape, budget)
+            images[i] = _one_image(cell, in_shape, budget, interpolation)
         except (ImageDecodeError, DataError) as exc:
             errors[i] = str(exc)
     return ImageBatch(images, errors)
@@ -173,14 +177,14 @@ def _cells(model_input: Any) -> np.ndarray | list[Any]:
     return model_input
 
 
-def _one_image(cell: Any, in_shape: Sequence[int], budget: _Budget) -> np.ndarray:
+def _one_image(cell: Any, in_shape: Sequence[int], budget: _Budget, interpolation: str) -> np.ndarray:
     """One item: encoded bytes, base64 text, or the pixels of one image."""
     channels, size = int(in_shape[0]), int(in_shape[-1])
     if isinstance(cell, str):
         cell = _from_base64(cell)
     if isinstance(cell, (bytes, bytearray, memoryview)):
         try:
-            return _decode_bounded(bytes(cell), channels, size, budget)
+            return _decode_bounded(bytes(cell), channels, size, budget, interpolation)
         except ImageDecodeError as exc:  # Pillow names the file object: "<_io.BytesIO object at 0x...>"
             raise ImageDecodeError(re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))) from None
     pixels = np.asarray(cell)
@@ -193,7 +197,7 @@ def _one_image(cell: Any, in_shape: Sequence[int], budget: _Budget) -> np.ndarra
         pixels = pixels if _channels_first(pixels.shape, in_shape) else pixels.transpose(2, 0, 1)
     else:
         raise DataError(f"one image must be (H, W), (H, W, C) or (C, H, W), got shape {pixels.shape}")
-    return _fit_pixels(pixels[None], channels, size)[0]
+    return _fit_pixels(pixels[None], channels, size, interpolation)[0]
 
 
 def _hw(shape: Sequence[int], in_shape: Sequence[int]) -> tuple[int, int]:
@@ -201,7 +205,7 @@ def _hw(shape: Sequence[int], in_shape: Sequence[int]) -> tuple[int, int]:
     return (shape[1], shape[2]) if _channels_first(shape, in_shape) else (shape[0], shape[1])
 
 
-def _decode_bounded(data: bytes, channels: int, size: int, budget: _Budget) -> np.ndarray:
+def _decode_bounded(data: bytes, channels: int, size: int, budget: _Budget, interpolation: str) -> np.ndarray:
     """Encoded bytes -> uint8 (channels, size, size), its size checked against `budget` from the header first.
     Up to LARGE_IMAGE_PIXELS exactly as prepare decodes (`decode_image`); larger ones downscaled as read."""
     try:
@@ -214,14 +218,14 @@ def _decode_bounded(data: bytes, channels: int, size: int, budget: _Budget) -> n
         raise ImageDecodeError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     budget.take(width, height)
     if width * height <= LARGE_IMAGE_PIXELS:
-        return decode_image(io.BytesIO(data), channels, size)  # type: ignore[arg-type]  # a file object
+        return decode_image(io.BytesIO(data), channels, size, interpolation)  # type: ignore[arg-type]  # a file object
     try:
-        return _LARGE_DECODER.submit(_decode_large, data, channels, size).result()
+        return _LARGE_DECODER.submit(_decode_large, data, channels, size, interpolation).result()
     except DECODE_ERRORS as exc:
         raise ImageDecodeError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
-def _decode_large(data: bytes, channels: int, size: int) -> np.ndarray:
+def _decode_large(data: bytes, channels: int, size: int, interpolation: str = "bilinear") -> np.ndarray:
     """A large image decoded small: JPEG at the smallest DCT scale still >= REDUCING_GAP x `size`, anything else
     `reduce`d by a whole factor right after decoding (palette, bilevel and 16-bit modes converted first, as reduce
     needs); then the steps of `decode_image` after its load, on the small image."""
@@ -254,7 +258,7 @@ def _decode_large(data: bytes, channels: int, size: int) -> np.ndarray:
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
     img = img.convert("L" if channels == 1 else "RGB")
     if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        img = img.resize((size, size), RESAMPLING[interpolation], box=square_box(*img.size), reducing_gap=3.0)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None, :, :] if channels == 1 else arr.transpose(2, 0, 1).copy()
 
@@ -289,7 +293,7 @@ def _channels_first(shape: Sequence[int], in_shape: Sequence[int]) -> bool:
     raise DataError(f"images of shape {tuple(shape)} have no channel axis of size 1-4 (first or last)")
 
 
-def _fit_pixels(pixels: np.ndarray, channels: int, size: int) -> np.ndarray:
+def _fit_pixels(pixels: np.ndarray, channels: int, size: int, interpolation: str = "bilinear") -> np.ndarray:
     """uint8 (N, C, H, W) with any C in 1..4 -> the model's channels and size; alpha composited over black."""
     x = _as_uint8(pixels)
     if x.shape[1] not in CHANNEL_COUNTS:
@@ -297,7 +301,7 @@ def _fit_pixels(pixels: np.ndarray, channels: int, size: int) -> np.ndarray:
     if x.shape[1] in (2, 4):  # gray+alpha / RGBA: over a black background, as decode_image does
         alpha = x[:, -1:].astype(np.float32) / 255.0
         x = np.rint(x[:, :-1].astype(np.float32) * alpha).astype(np.uint8)
-    return fit_images(x, channels, size)
+    return fit_images(x, channels, size, interpolation)
 
 
 def _as_uint8(pixels: np.ndarray) -> np.ndarray:

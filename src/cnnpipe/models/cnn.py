@@ -27,7 +27,7 @@ class ClassicCNN(nn.Module):
     ) -> None:
         super().__init__()
         c, h, w = in_shape
-        self.normalize = Normalize(mean, std)
+        self.normalize = Normalize(mean, std, size=h)
         blocks: list[nn.Module] = []
         for width in channels:
             for _ in range(convs_per_block):
@@ -48,7 +48,12 @@ class ClassicCNN(nn.Module):
 
 @register_model("cnn", "cnn_bn")
 def build_classic_cnn(
-    cfg: ModelConfig, *, in_shape: tuple[int, int, int], num_classes: int, mean: list[float], std: list[float]
+    cfg: ModelConfig,
+    *,
+    in_shape: tuple[int, int, int],
+    num_classes: int,
+    mean: list[float],
+    std: list[float],
 ) -> nn.Module:
     """conf/model/cnn.yaml and cnn_bn.yaml: the same family, BatchNorm and dropout as the config says."""
     return ClassicCNN(

@@ -26,7 +26,8 @@ class ImagePredictor:
     def __init__(self, net: nn.Module, spec: dict[str, Any], batch_size: int = 512) -> None:
         self.net, self.spec, self.batch_size = net.cpu().eval(), spec, batch_size
         self.classes = [str(c) for c in spec["classes"]]
-        self.in_shape = [int(d) for d in spec["in_shape"]]
+        self.in_shape = [int(d) for d in spec["in_shape"]]  # as prepare stored images; the net crops its input
+        self.interpolation = str(spec.get("interpolation", "bilinear"))
 
     @classmethod
     def from_folder(cls, folder: Path) -> ImagePredictor:
@@ -49,7 +50,7 @@ class ImagePredictor:
         return torch.cat(out).numpy().astype(np.float64)
 
     def predict(self, model_input: Any) -> pd.DataFrame:
-        batch = to_batch(model_input, self.in_shape)
+        batch = to_batch(model_input, self.in_shape, interpolation=self.interpolation)
         probs = self.probabilities(batch.images)
         best = probs.argmax(axis=1)
         frame = pd.DataFrame(

@@ -18,8 +18,11 @@ from cnnpipe.registry import Registry
 
 
 class ModelBuilder(Protocol):
-    """`builder(model_cfg, in_shape=(C, H, W), num_classes=K, mean=[...], std=[...])` -> logits-producing net.
-    `mean`/`std` are the training split's per-channel statistics, for the model's own Normalize layer."""
+    """`builder(model_cfg, in_shape=(C, H, W), num_classes=K, mean=[...], std=[...])` -> a logits-producing net
+    whose first layer is `layers.Normalize(mean, std, size=H)` (centre crop to the input size, then normalise);
+    `in_shape` is the network's input. A family with pretrained weights (model=timm) also takes `pretrained: bool`,
+    passed as True only when its config asks for them: fit loads them; a saved model is rebuilt without them and
+    loads its own."""
 
     def __call__(
         self,

@@ -45,7 +45,7 @@ class ResNetSmall(nn.Module):
     ) -> None:
         super().__init__()
         c, h, _ = in_shape
-        self.normalize = Normalize(mean, std)
+        self.normalize = Normalize(mean, std, size=h)
         self.stem = nn.Sequential(
             nn.Conv2d(c, channels[0], 3, padding=1, bias=False),
             nn.BatchNorm2d(channels[0]),
@@ -69,7 +69,12 @@ class ResNetSmall(nn.Module):
 
 @register_model("resnet_small")
 def build_resnet_small(
-    cfg: ModelConfig, *, in_shape: tuple[int, int, int], num_classes: int, mean: list[float], std: list[float]
+    cfg: ModelConfig,
+    *,
+    in_shape: tuple[int, int, int],
+    num_classes: int,
+    mean: list[float],
+    std: list[float],
 ) -> nn.Module:
     """conf/model/resnet_small.yaml: `convs_per_block` is the number of residual blocks per stage (BatchNorm
     always: `batch_norm` does not apply)."""

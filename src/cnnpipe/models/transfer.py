@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-HEAD_PREFIX = "head."
 NORMALIZE_PREFIX = "normalize."
 
 
@@ -20,9 +19,39 @@ class TransferReport:
     skipped: list[str]  # in the target, not taken from the source (missing there, or another shape)
 
 
+def head_module(net: nn.Module) -> nn.Module | None:
+    """The classifier that maps features to the data's classes: a family's `head_module()` (a timm network's
+    classifier) or its `head` (cnnpipe's own families); None for a network with neither."""
+    finder = getattr(net, "head_module", None)
+    head = finder() if callable(finder) else getattr(net, "head", None)
+    return head if isinstance(head, nn.Module) else None
+
+
+def head_parameter_names(net: nn.Module) -> set[str]:
+    """The qualified names of the head's parameters (the new head: full lr, never frozen)."""
+    head = head_module(net)
+    own = {id(p) for p in head.parameters()} if head is not None else set()
+    return {name for name, p in net.named_parameters() if id(p) in own}
+
+
 def backbone_modules(net: nn.Module) -> list[nn.Module]:
-    """Everything but the fully connected head: what `model.freeze_epochs` keeps frozen."""
-    return [m for name, m in net.named_children() if name not in ("head", "normalize")]
+    """The largest sub-modules that do not hold the head (and not the input Normalize layer): what
+    `model.freeze_epochs` keeps frozen, whether the head is a top-level child (cnnpipe's families) or nested
+    (a timm ConvNeXt's head.fc)."""
+    head = head_module(net)
+
+    def outside(root: nn.Module) -> list[nn.Module]:
+        found: list[nn.Module] = []
+        for name, child in root.named_children():
+            if child is head or name == "normalize":
+                continue
+            if head is not None and any(m is head for m in child.modules()):
+                found += outside(child)
+            else:
+                found.append(child)
+        return found
+
+    return outside(net)
 
 
 def transfer_weights(target: nn.Module, source: dict[str, torch.Tensor]) -> TransferReport:

@@ -14,8 +14,10 @@ from optuna.trial import FrozenTrial, TrialState
 from cnnpipe.atomic import atomic_dir, check_replaceable, write_text_atomic
 from cnnpipe.config import Config, as_dict, flatten
 from cnnpipe.console import info, warn
+from cnnpipe.data.preprocess import check_prepared
 from cnnpipe.data.store import load_meta
 from cnnpipe.errors import CnnpipeError, ConfigError
+from cnnpipe.models.timm_net import weights_origin
 from cnnpipe.redact import mask_secrets
 from cnnpipe.tracking.names import experiment_name, run_label
 from cnnpipe.tracking.runs import RunLogger, tracked_run
@@ -44,14 +46,26 @@ def _log_parent(run: RunLogger, cfg: Config, best: dict[str, Any], out: Path) ->
         run.log_artifact(out / name)
 
 
+def searched_archs(cfg: Config) -> list[str | None]:
+    """model.arch and every choice the search space gives it."""
+    archs = [cfg.model.arch]
+    for p in cfg.sweep.space.values():
+        if p.key == "model.arch" and p.type == "categorical":
+            archs += [str(c) for c in p.choices or [] if str(c) not in archs]
+    return archs
+
+
 def run_sweep(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The sweep stage. `explicit`: the keys the user set (config.explicit_keys); a tuned key among them is pinned
     at the user's value (left out of the search). With `train.hparams=params` no sweep runs: train would not use it."""
-    load_meta(root / cfg.paths.prepared)  # fail early, naming the file, when prepare has not run
+    meta = load_meta(root / cfg.paths.prepared)  # fail early, naming the file, when prepare has not run
     check_replaceable(root / cfg.paths.sweep, OUTPUT_NAMES)  # a folder of someone else's: refused before any trial
     if cfg.train.hparams != "sweep":
         return _skip(cfg, root)
     cfg = pin_explicit(cfg, explicit)
+    check_prepared(cfg, meta, str(root / cfg.paths.prepared / "meta.json"))
+    for arch in searched_archs(cfg):  # every architecture a trial may draw has its weights: one line, no trial
+        weights_origin(replace(cfg.model, arch=arch))
     name = study_name(cfg)
     storage = describe_storage(cfg, root)
     if cfg.sweep.workers > 1 and storage.startswith("sqlite"):

@@ -12,9 +12,11 @@ import yaml
 from cnnpipe.atomic import write_json_atomic, write_text_atomic
 from cnnpipe.config import Config, as_dict, flatten, with_values
 from cnnpipe.console import info, warn
+from cnnpipe.data.preprocess import Geometry, check_prepared, resolve_normalisation
 from cnnpipe.data.store import load_meta, load_split
 from cnnpipe.errors import DataError
 from cnnpipe.models.store import RUN_FILE, SPEC, SPEC_SHA, WEIGHTS, WEIGHTS_SHA, file_sha256, publish_model, save_model
+from cnnpipe.models.timm_net import weights_origin
 from cnnpipe.redact import mask_secrets
 from cnnpipe.tracking.datasets import combined_digest, split_inputs
 from cnnpipe.tracking.model_logging import log_image_model
@@ -72,6 +74,21 @@ def apply_hparams(cfg: Config, root: Path, explicit: frozenset[str] = frozenset(
     return tuned, tags
 
 
+def preprocess_tags(cfg: Config, meta: dict[str, Any], geometry: Geometry, origin: str | None) -> dict[str, str]:
+    """What the config's nulls resolved to (the model's own preprocessing) and where pretrained weights came from:
+    the run says the values it used, not only `null`."""
+    mean, std = resolve_normalisation(cfg.model, int(meta["image_shape"][0]), meta)
+    tags = {
+        "cnnpipe.input_size": str(geometry.input_size),
+        "cnnpipe.stored_size": str(geometry.storage_size),
+        "cnnpipe.interpolation": geometry.interpolation,
+        "cnnpipe.normalise": f"mean {[round(v, 4) for v in mean]}, std {[round(v, 4) for v in std]}",
+    }
+    if origin is not None:
+        tags["cnnpipe.pretrained_weights"] = origin
+    return tags
+
+
 def _short(value: Any) -> str:
     """A value as printed: floats to 4 significant digits (not 1.0000001192092896)."""
     return f"{value:.4g}" if isinstance(value, float) else str(value)
@@ -83,11 +100,17 @@ def run_training(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()
     cfg, hparam_tags = apply_hparams(cfg, root, explicit)
     prepared, augmented = root / cfg.paths.prepared, root / cfg.paths.augmented
     meta = load_meta(prepared)
+    geometry = check_prepared(cfg, meta, str(prepared / "meta.json"))
+    origin = weights_origin(cfg.model)  # missing pretrained weights: one line now, before any run or file
     train_file, val_file = augmented / "train.npz", prepared / "val.npz"
     train, val = load_split(train_file, mmap=True, meta=meta), load_split(val_file, mmap=True, meta=meta)
     out = root / cfg.paths.models
     inputs = split_inputs(cfg.data.name, {"train": (train_file, train), "val": (val_file, val)})
-    tags = {**run_tags(root, "train", cfg.data.name, combined_digest(inputs)), **hparam_tags}
+    tags = {
+        **run_tags(root, "train", cfg.data.name, combined_digest(inputs)),
+        **hparam_tags,
+        **preprocess_tags(cfg, meta, geometry, origin),
+    }
     info(
         "train",
         f"{len(train.labels)} train / {len(val.labels)} val images, model {cfg.model.name}, {cfg.train.epochs} epochs",

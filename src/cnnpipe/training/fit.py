@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from torch import nn
 
 from cnnpipe.config import Config
 from cnnpipe.data.datamodule import InMemoryDataModule
+from cnnpipe.data.online_augment import online_augment
+from cnnpipe.data.preprocess import check_prepared
 from cnnpipe.data.store import Split
 from cnnpipe.models.factory import build_model, model_spec
 from cnnpipe.training.callbacks import EpochHistory, MetricSink
@@ -52,9 +55,11 @@ def fit(
     `resume_from`: a last.ckpt in `ckpt_dir` to continue from (model, optimiser, scheduler, epoch, best).
     Ctrl-C / SIGTERM surface as KeyboardInterrupt (Lightning turns them into `sys.exit(1)`)."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    geometry = check_prepared(cfg, meta, "meta.json")
     spec = model_spec(cfg.model, meta)
-    net = build_model(spec)
-    if cfg.model.init_from and resume_from is None:  # a resumed run's checkpoint already holds the weights
+    # A resumed run's checkpoint already holds the weights: no pretrained download, no init_from.
+    net = build_model(spec, pretrained=resume_from is None)
+    if cfg.model.init_from and resume_from is None:
         initialise_from(net, cfg, root or Path.cwd())
     callbacks = [*(callbacks or []), *([FreezeBackbone(cfg.model.freeze_epochs)] if cfg.model.freeze_epochs else [])]
     module = ImageClassifier(
@@ -65,6 +70,10 @@ def fit(
         scale_lr=cfg.trainer.scale_lr,
         batch_size=cfg.data.batch_size,
         grad_clip=cfg.train.grad_clip,
+        augment=online_augment(cfg.augment.online, geometry.input_size, seed=cfg.seed),
+        mixup=mixup(cfg, len(spec["classes"])),
+        accumulate=cfg.train.accumulate,
+        ema=cfg.train.ema,
     )
     if use_channels_last(cfg):
         module = module.to(memory_format=torch.channels_last)
@@ -99,8 +108,25 @@ def fit(
         module.load_state_dict(state["state_dict"])
         best_score = float(ckpt.best_model_score) if ckpt.best_model_score is not None else None
         best_epoch = int(state.get("epoch", -1)) + 1  # Lightning counts from 0, the history from 1
-    net = getattr(module.net, "_orig_mod", module.net)  # the plain module behind torch.compile
+    evaluated = module.evaluated_net()  # the weight average when train.ema is on
+    net = getattr(evaluated, "_orig_mod", evaluated)  # the plain module behind torch.compile
     return FitResult(net.cpu().eval(), spec, history.rows, best_score, best_epoch, trainer)
+
+
+def mixup(cfg: Config, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], Any] | None:
+    """timm's Mixup for augment.online.mixup / cutmix (either > 0; both: one or the other per batch), with
+    train.label_smoothing folded into its soft targets; None when both are 0."""
+    online = cfg.augment.online
+    if not (online.mixup or online.cutmix):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=online.mixup,
+        cutmix_alpha=online.cutmix,
+        label_smoothing=cfg.train.label_smoothing,
+        num_classes=num_classes,
+    )
 
 
 def datamodule(cfg: Config, train: Split, val: Split, steps_per_call: int | None = None) -> InMemoryDataModule:

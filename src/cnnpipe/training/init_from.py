@@ -13,7 +13,7 @@ from cnnpipe.config import Config
 from cnnpipe.console import info
 from cnnpipe.errors import ConfigError, DataError
 from cnnpipe.models.store import load_model
-from cnnpipe.models.transfer import HEAD_PREFIX, transfer_weights
+from cnnpipe.models.transfer import NORMALIZE_PREFIX, head_parameter_names, transfer_weights
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -47,7 +47,8 @@ def initialise_from(net: nn.Module, cfg: Config, root: Path) -> None:
     """Load the source's backbone into `net`; refuse when nothing but the head would match."""
     assert cfg.model.init_from
     report = transfer_weights(net, source_state(cfg.model.init_from, cfg, root))
-    backbone = [k for k in report.loaded if not k.startswith(HEAD_PREFIX)]
+    head = head_parameter_names(net)
+    backbone = [k for k in report.loaded if k not in head and not k.startswith(NORMALIZE_PREFIX)]
     if not backbone:
         raise ConfigError(
             f"model.init_from={cfg.model.init_from}: no backbone weight fits model "

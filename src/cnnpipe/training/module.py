@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, cast
 
@@ -15,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from cnnpipe.config import OptimConfig
 from cnnpipe.training.distributed import scaled_lr
-from cnnpipe.training.optimizers import build_optimizer
+from cnnpipe.training.optimizers import build_optimizer, parameter_groups
 
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # predicted classes, labels, mean loss of one batch
 
@@ -49,10 +50,25 @@ class ImageClassifier(pl.LightningModule):
         scale_lr: str = "none",
         batch_size: int | None = None,
         grad_clip: float = 0.0,
+        augment: nn.Module | None = None,
+        mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        accumulate: int = 1,
+        ema: float = 0.0,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.net = net
+        self.augment = augment  # per-image batch augmentation on the device (data/online_augment.py), or None
+        self.mixup = mixup  # timm's Mixup (MixUp / CutMix: soft targets), or None
+        self.accumulate = accumulate  # optimiser step every `accumulate` batches
+        self._micro = 0  # batches since the last optimiser step
+        # timm's weight average: validated, checkpointed and saved in place of the raw weights when on. A submodule,
+        # so Lightning moves it with the model and the checkpoint carries it (resume keeps the average).
+        self.ema: nn.Module | None = None
+        if ema:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(net, decay=ema)
         self.optim_cfg = optim
         self.scale_lr = scale_lr
         self.label_smoothing = label_smoothing
@@ -68,7 +84,13 @@ class ImageClassifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def evaluated_net(self) -> nn.Module:
+        """What validation measures and what is saved: the weight average when `train.ema` is on."""
+        return self.ema.module if self.ema is not None else self.net  # type: ignore[return-value]
+
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if y.is_floating_point():  # MixUp / CutMix soft targets, label smoothing already in them
+            return F.cross_entropy(logits.float(), y)
         return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -80,14 +102,27 @@ class ImageClassifier(pl.LightningModule):
             steps = [(images, labels)]
         else:
             steps = list(zip(images.split(self.batch_size), labels.split(self.batch_size), strict=True))
-        for x, y in steps:
+        last_call = self.trainer.is_last_batch
+        for i, (x, y) in enumerate(steps):
+            if self.augment is not None:
+                x = self.augment(x)
+            target = y
+            if self.mixup is not None and len(y) % 2 == 0:  # timm's Mixup pairs images: an odd last batch goes as is
+                x, target = self.mixup(x, y)
             logits = self(x)
-            loss = self._loss(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(loss)  # under DDP: this step's gradients are all-reduced
-            optimizer.step()  # gradient clipping runs in on_before_optimizer_step, after AMP unscaling
-            if scheduler is not None:
-                scheduler.step()
+            loss = self._loss(logits, target)
+            if self._micro == 0:
+                optimizer.zero_grad(set_to_none=True)
+            self._micro += 1
+            # under DDP every backward all-reduces (also between accumulated steps: simple, and correct)
+            self.manual_backward(loss / self.accumulate if self.accumulate > 1 else loss)
+            if self._micro == self.accumulate or (last_call and i == len(steps) - 1):
+                self._micro = 0
+                optimizer.step()  # gradient clipping runs in on_before_optimizer_step, after AMP unscaling
+                if scheduler is not None:
+                    scheduler.step()
+                if self.ema is not None:
+                    self.ema.update(self.net)  # type: ignore[operator]
             self._track(logits, y, loss)
         if self.trainer.is_last_batch:  # log before the callbacks' on_train_epoch_end reads the metrics
             self._log_train_epoch()
@@ -114,6 +149,7 @@ class ImageClassifier(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch = []
+        self._micro = 0
 
     def on_train_epoch_end(self) -> None:
         if self.optim_cfg.scheduler == "cosine":  # per-epoch schedule; callbacks read the lr before this
@@ -121,7 +157,7 @@ class ImageClassifier(pl.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        logits = self(x)
+        logits = self.evaluated_net()(x)
         self._val.append((logits.argmax(1), y, self._loss(logits, y)))
 
     def on_validation_epoch_start(self) -> None:
@@ -143,9 +179,11 @@ class ImageClassifier(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         world_size = self._trainer.world_size if self._trainer is not None else 1
         lr = scaled_lr(self.optim_cfg.lr, world_size, self.scale_lr)
-        optimizer = build_optimizer(self.parameters(), replace(self.optim_cfg, lr=lr))
+        groups = parameter_groups(self.net, self.optim_cfg, lr)
+        optimizer = build_optimizer(groups, replace(self.optim_cfg, lr=lr))
         if self.optim_cfg.scheduler == "onecycle":
-            onecycle = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=self._total_steps())
+            max_lr = [group["lr"] for group in groups]  # per group: the backbone's stays a fraction of the head's
+            onecycle = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=self._total_steps())
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": onecycle, "interval": "step"}}
         if self.optim_cfg.scheduler == "cosine":
             cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs or 1))
@@ -159,4 +197,4 @@ class ImageClassifier(pl.LightningModule):
         per_epoch = getattr(self.trainer.train_dataloader, "steps_per_epoch", None)
         if per_epoch is None or self.trainer.max_epochs is None or self.trainer.max_epochs < 0:
             return iterations
-        return int(per_epoch) * self.trainer.max_epochs
+        return -(-int(per_epoch) // self.accumulate) * self.trainer.max_epochs  # an epoch's last window steps too
