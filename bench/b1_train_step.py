@@ -10,13 +10,19 @@ Both sides: digits with the default augmentation (original + 4 copies), batch si
 `--data mnist5k` (28x28, augment=none) measures a bigger step; its result is B1-mnist5k (not in run_all).
 `--data cifar-synthetic`: random uint8 3x32x32 images of 10 classes (CIFAR-10's size; 50,000 on a GPU, 4,096 on
 the CPU, `--n` to change), `--model` (default resnet_small there): throughput does not depend on the pixels.
+`--size N` sets the synthetic images' side (default 32). `--model timm --arch NAME` trains a timm network
+(model=timm, pretrained=false: throughput does not depend on the weights, so freeze_epochs=0) built by cnnpipe's
+`build_model` from the same spec on both sides; its result is B1-timm-ARCH-SIZEpx (B1-timm-resnet18-64px), and it
+also times augment=photo's per-image augmentation (`OnlineAugment`) on one batch against one train step.
 `--device cuda` runs both sides on the GPU with bf16 autocast (Lightning's bf16-mixed) and channels_last; its
-result is B1-cuda (B1-cifar-synthetic-cuda, ...). Every record also gives the model's training FLOPs per image
-(forward + backward, counted by torch.utils.flop_counter) and the achieved FLOP/s; on a GPU with a known bf16
-peak, the model FLOPs utilisation (MFU) against it.
+result is B1-cuda (B1-cifar-synthetic-cuda, B1-timm-resnet50-224px-cuda, ...). Every record also gives the
+model's training FLOPs per image (forward + backward, counted by torch.utils.flop_counter) and the achieved FLOP/s;
+on a GPU with a known bf16 peak, the model FLOPs utilisation (MFU) against it. The raw loop's AdamW has cnnpipe's
+parameter groups written out (no weight decay on 1-D tensors: `raw_groups`), so both sides make the same updates.
 
 Run alone: python -m bench.b1_train_step [--quick] [--repeats N] [--threads N] [--epochs N] [--data NAME]
-                                         [--device cpu|cuda] [--model NAME] [--n N]
+                                         [--device cpu|cuda] [--model NAME] [--arch TIMM_NAME] [--n N] [--size N]
+e.g.       python -m bench.b1_train_step --data cifar-synthetic --model timm --arch resnet18 --size 64
 """
 
 from __future__ import annotations
@@ -32,15 +38,26 @@ from bench.workspace import bench_config, prepare_data, quiet
 
 NAME = "B1"
 SYNTHETIC = "cifar-synthetic"
+DEFAULT_ARCH = "resnet18"  # model=timm without --arch
 # Dense bf16 tensor-core peaks (vendor data sheets, FLOP/s) by a name fragment of torch.cuda.get_device_name.
 BF16_PEAK = {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def overrides(
-    threads: int, epochs: int, data: str = "digits", device: str = "cpu", model: str | None = None
+    threads: int,
+    epochs: int,
+    data: str = "digits",
+    device: str = "cpu",
+    model: str | None = None,
+    arch: str | None = None,
+    size: int = 32,
 ) -> list[str]:
+    # Synthetic data: the digits config's loader is unused, its geometry must match what synthetic_data says it stored.
+    synthetic = ["data.channels=3", f"data.image_size={size}"] if data == SYNTHETIC else []
+    timm = [f"model.arch={arch or DEFAULT_ARCH}", "model.pretrained=false", "model.freeze_epochs=0"]
     return [
-        f"data={'digits' if data == SYNTHETIC else data}",  # the data config is unused with synthetic data
+        f"data={'digits' if data == SYNTHETIC else data}",
+        *synthetic,
         "augment=default" if data == "digits" else "augment=none",
         f"model={model or ('resnet_small' if data == SYNTHETIC else 'cnn')}",
         "optim=adamw",
@@ -54,11 +71,13 @@ def overrides(
         "trainer.devices=1",
         f"trainer.threads={threads}",
         f"trainer.channels_last={'off' if device == 'cpu' else 'on'}",
+        *(timm if model == "timm" else []),
     ]
 
 
-def synthetic_data(n: int, seed: int = 0) -> tuple[dict[str, Any], Any, Any]:
-    """CIFAR-10-sized random data: n train and n // 10 val uint8 3x32x32 images, 10 classes."""
+def synthetic_data(n: int, seed: int = 0, size: int = 32) -> tuple[dict[str, Any], Any, Any]:
+    """CIFAR-10-like random data: n train and n // 10 val uint8 3 x size x size images, 10 classes, stored at the
+    network's input size (meta["preprocess"]: no crop, as prepare records it)."""
     import numpy as np
 
     from cnnpipe.data.store import Split
@@ -66,10 +85,16 @@ def synthetic_data(n: int, seed: int = 0) -> tuple[dict[str, Any], Any, Any]:
     rng = np.random.default_rng(seed)
 
     def split(count: int) -> Split:
-        images = rng.integers(0, 256, size=(count, 3, 32, 32), dtype=np.uint8)
+        images = rng.integers(0, 256, size=(count, 3, size, size), dtype=np.uint8)
         return Split(images, rng.integers(0, 10, size=count).astype(np.int64))
 
-    meta = {"image_shape": [3, 32, 32], "classes": [str(i) for i in range(10)], "mean": [0.5] * 3, "std": [0.25] * 3}
+    meta = {
+        "image_shape": [3, size, size],
+        "classes": [str(i) for i in range(10)],
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+        "preprocess": {"input_size": size, "storage_size": size, "interpolation": "bilinear", "crop_pct": 1.0},
+    }
     return meta, split(n), split(max(n // 10, 1))
 
 
@@ -107,6 +132,18 @@ def train_ours(
     return t["s"]
 
 
+def raw_groups(net: Any, cfg: Any) -> list[dict[str, Any]]:
+    """The optimiser settings of cnnpipe's recipe (training/optimizers.py), written out: weight decay on weight
+    matrices and kernels, none on 1-D tensors (norm weights, biases) unless optim.decay_norm_bias. One lr for
+    all: B1 runs with optim.backbone_lr=1 (the head's and the backbone's groups then get the same updates)."""
+    if cfg.optim.backbone_lr != 1.0:
+        raise ValueError("B1's raw loop assumes optim.backbone_lr=1")
+    decay = [p for p in net.parameters() if cfg.optim.decay_norm_bias or p.ndim > 1]
+    other = [p for p in net.parameters() if not (cfg.optim.decay_norm_bias or p.ndim > 1)]
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}]
+    return groups + ([{"params": other, "weight_decay": 0.0}] if other else [])
+
+
 def train_raw(cfg: Any, meta: dict[str, Any], train: Any, val: Any, out: dict[str, float]) -> float:
     """A hand-written loop doing the same work: forward, loss, backward, step, scheduler step, running
     loss/accuracy on the device (read once per epoch), then validation loss/accuracy. On CUDA: data on the
@@ -133,7 +170,7 @@ def train_raw(cfg: Any, meta: dict[str, Any], train: Any, val: Any, out: dict[st
         val_images = torch.from_numpy(val.images).to(device).contiguous(memory_format=memory_format)
         labels, val_labels = torch.from_numpy(train.labels).to(device), torch.from_numpy(val.labels).to(device)
         bs, n, epochs = cfg.data.batch_size, len(labels), cfg.train.epochs
-        opt = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        opt = torch.optim.AdamW(raw_groups(net, cfg), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.optim.lr, total_steps=epochs * math.ceil(n / bs))
         out["epoch_s"] = []
         for epoch in range(epochs):
@@ -180,22 +217,37 @@ def run(
     device: str = "cpu",
     model: str | None = None,
     n_synthetic: int | None = None,
+    arch: str | None = None,
+    size: int | None = None,
 ) -> dict:
+    timm = model == "timm"
+    if timm and data != SYNTHETIC:
+        raise SystemExit(f"--model timm runs on --data {SYNTHETIC} (RGB images of --size px)")
+    size = size or (64 if timm else 32)
+    arch = arch or DEFAULT_ARCH
+    if timm and device == "cpu":  # ~1 GFLOP per training image at 64 px: fewer images, epochs and repeats
+        repeats = repeats or (2 if quick else 9)
+        epochs = epochs or (1 if quick else 2)
+        n_synthetic = n_synthetic or (128 if quick else 512)
     repeats = repeats or (5 if quick else 25)
     epochs = epochs or (2 if quick else 4)
-    name = "-".join(
-        [
-            NAME,
-            *([data] if data != "digits" else []),
-            *([model] if model else []),
-            *([device] if device != "cpu" else []),
-        ]
-    )
+    if timm:
+        name = "-".join([NAME, "timm", arch, f"{size}px", *([device] if device != "cpu" else [])])
+    else:
+        name = "-".join(
+            [
+                NAME,
+                *([data] if data != "digits" else []),
+                *([model] if model else []),
+                *([f"{size}px"] if size != 32 else []),
+                *([device] if device != "cpu" else []),
+            ]
+        )
     pin_threads(threads)
     quiet()
-    cfg = bench_config(overrides(threads, epochs, data, device, model))
+    cfg = bench_config(overrides(threads, epochs, data, device, model, arch, size))
     if data == SYNTHETIC:
-        meta, train, val = synthetic_data(n_synthetic or (50_000 if device == "cuda" else 4_096), cfg.seed)
+        meta, train, val = synthetic_data(n_synthetic or (50_000 if device == "cuda" else 4_096), cfg.seed, size)
     else:
         with tempfile.TemporaryDirectory(prefix="cnnpipe-bench-b1-") as tmp:
             meta, train, val = prepare_data(Path(tmp), cfg)
@@ -216,6 +268,7 @@ def run(
         label=name,
     )
     steady = {side: values[-repeats:] for side, values in steady.items()}  # drop the warm-up
+    photo = augment_cost(cfg, meta, threads, repeats=3 if quick else 15) if timm else None
     steady_ratio = median(paired_ratios(steady["raw"], steady["ours"]))
     images = epochs * n
     ours_ips = [images / s for s in samples["ours"]]
@@ -249,21 +302,25 @@ def run(
         "val_images": len(val.labels),
         "batch_size": cfg.data.batch_size,
         "steps_per_epoch": math.ceil(n / cfg.data.batch_size),
-        "model": cfg.model.name,
+        "model": cfg.model.name + (f" {cfg.model.arch} (pretrained=false, freeze_epochs=0)" if timm else ""),
         "channels_last": cfg.trainer.channels_last,
         "optimizer": f"{cfg.optim.name} lr={cfg.optim.lr} + {cfg.optim.scheduler}",
         "seed": cfg.seed,
         "sanity_last_repeat": last,
     }
+    if photo is not None:
+        details["augment_photo"] = photo
+    net_name = f"timm {cfg.model.arch}" if timm else cfg.model.name
     record = result(
         name=name,
         title="train step throughput",
-        what=f"train images/s, {cfg.model.name} on {'augmented ' if data == 'digits' else ''}{data} "
+        what=f"train images/s, {net_name} on {'augmented ' if data == 'digits' else ''}{data} "
         f"({n} img, {'x'.join(map(str, train.images.shape[1:]))}), bs {cfg.data.batch_size}, "
         f"{epochs} epochs per run incl. validation"
         + (f", {device} {cfg.trainer.precision} ({_gpu_name()})" if device != "cpu" else ""),
         ours=f"{median(ours_ips):,.0f} img/s (Lightning Trainer; per epoch after the first: {steady_ratio:.3f} of raw"
         + (f"; MFU {ours_flops / peak:.1%} of bf16 peak" if peak else f"; {ours_flops / 1e9:,.1f} GFLOP/s")
+        + (f"; augment=photo alone {photo['augment_images_per_s']:,.0f} img/s" if photo else "")
         + ")",
         baseline=f"{median(raw_ips):,.0f} img/s (raw loop)",
         ratio=ratio,
@@ -278,6 +335,70 @@ def run(
     return record
 
 
+def augment_cost(cfg: Any, meta: dict[str, Any], threads: int, repeats: int = 15, calls: int = 3) -> dict[str, Any]:
+    """augment=photo's per-image batch augmentation (data/online_augment.py: random-resized crop, flip, per-image
+    RandAugment) on one batch, against one train step (forward, loss, backward, AdamW step) of the same net on the
+    same batch, interleaved; each sample is `calls` calls. The stored size is the input size here (no crop margin)."""
+    import torch
+    import torch.nn.functional as F
+
+    from cnnpipe.data.online_augment import online_augment
+    from cnnpipe.models.factory import build_model, model_spec
+
+    chosen = overrides(
+        threads, cfg.train.epochs, SYNTHETIC, cfg.trainer.accelerator, "timm", cfg.model.arch, cfg.data.image_size
+    )
+    photo = bench_config([o for o in chosen if not o.startswith("augment=")] + ["augment=photo"])
+    device = torch.device("cpu" if cfg.trainer.accelerator == "cpu" else "cuda")
+    size, bs = int(meta["image_shape"][-1]), cfg.data.batch_size
+    augment = online_augment(photo.augment.online, size, seed=cfg.seed)
+    assert augment is not None
+    augment = augment.to(device)
+    torch.manual_seed(cfg.seed)
+    net = build_model(model_spec(cfg.model, meta)).to(device).train()
+    opt = torch.optim.AdamW(raw_groups(net, cfg), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randint(0, 256, (bs, 3, size, size), generator=gen, dtype=torch.uint8).to(device).float().div_(255.0)
+    y = torch.randint(0, 10, (bs,), generator=gen).to(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def augment_only() -> float:
+        with stopwatch() as t:
+            for _ in range(calls):
+                augment(x)
+            sync()
+        return t["s"] / calls
+
+    def step() -> float:
+        with stopwatch() as t:
+            for _ in range(calls):
+                loss = F.cross_entropy(net(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            sync()
+        return t["s"] / calls
+
+    samples = interleaved({"augment": augment_only, "step": step}, repeats, warmup=1)
+    share = paired_ratios(samples["augment"], [a + s for a, s in zip(samples["augment"], samples["step"], strict=True)])
+    return {
+        "what": f"OnlineAugment of augment=photo ({photo.augment.online.policy}, crop_scale "
+        f"{photo.augment.online.crop_scale}, hflip) on a batch of {bs} 3x{size}x{size} vs one train step",
+        "augment_images_per_s": bs / median(samples["augment"]),
+        "step_images_per_s": bs / median(samples["step"]),
+        "augment_ms_per_batch": spread([s * 1e3 for s in samples["augment"]]),
+        "step_ms_per_batch": spread([s * 1e3 for s in samples["step"]]),
+        "augment_share_of_step": median(share),
+        "share_note": "augment / (augment + train step), median of interleaved pairs: the fraction of a training "
+        "iteration that augment=photo would add",
+        "repeats": repeats,
+        "calls_per_sample": calls,
+    }
+
+
 def _gpu_name() -> str:
     import torch
 
@@ -290,11 +411,24 @@ def _options(parser: Any) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: bf16-mixed on both sides")
     parser.add_argument("--model", default=None, help="model config (default cnn; resnet_small for cifar-synthetic)")
     parser.add_argument("--n", type=int, default=None, help="cifar-synthetic training images")
+    parser.add_argument("--arch", default=None, help=f"timm architecture with --model timm (default {DEFAULT_ARCH})")
+    parser.add_argument("--size", type=int, default=None, help="cifar-synthetic image side (default 32; timm 64)")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = cli(__doc__, argv, _options)
-    run(args.repeats, args.quick, args.threads, args.epochs, args.data, args.device, args.model, args.n)
+    run(
+        args.repeats,
+        args.quick,
+        args.threads,
+        args.epochs,
+        args.data,
+        args.device,
+        args.model,
+        args.n,
+        args.arch,
+        args.size,
+    )
 
 
 if __name__ == "__main__":

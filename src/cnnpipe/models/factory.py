@@ -41,7 +41,8 @@ def build_model(spec: dict[str, Any], pretrained: bool = False) -> nn.Module:
     m = ModelConfig(**{**LEGACY_MODEL_KEYS, **spec["model"]})
     c, h, _ = (int(d) for d in spec["in_shape"])
     size = int(spec.get("input_size", h))
-    extra = {"pretrained": True} if pretrained else {}  # only pretrained families take it (config checks)
+    # Only a family whose config asks for pretrained weights gets the flag (config allows that for timm only).
+    extra = {"pretrained": True} if pretrained and m.pretrained else {}
     return model_builder(m.name)(
         m,
         in_shape=(c, size, size),

@@ -151,7 +151,7 @@ def build_timm(
 
     pretrained_config(str(cfg.arch))  # an unknown name: one line
     kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_shape[0], "drop_rate": cfg.dropout}
-    load = pretrained and cfg.pretrained
+    load = pretrained and cfg.pretrained  # the factory passes pretrained=True only when cfg.pretrained
     if load:
         kwargs["pretrained_cfg_overlay"] = {"state_dict": read_state_dict(locate_weights(cfg).path)}
     try:
