@@ -31,6 +31,7 @@ BENCHMARKS = {
     "B2": "bench.b2_augment",
     "B5": "bench.b5_mlflow_logging",
     "pruning": "bench.pruning",
+    "transfer": "bench.transfer",
     "B7": "bench.ddp_scaling",
     "B3": "bench.b3_time_to_accuracy",
     "B8": "bench.b8_noop_repro",

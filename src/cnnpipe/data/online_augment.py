@@ -72,6 +72,14 @@ class OnlineAugment(nn.Module):
         return x.clamp_(0, 1)
 
 
+def reseed(module: nn.Module, seed: int) -> None:
+    """Restart every PerImagePolicy's draws from `seed` (the training module does so each epoch, with the global
+    torch RNG that kornia draws from: a resumed run augments its epochs as an uninterrupted one would)."""
+    for m in module.modules():
+        if isinstance(m, PerImagePolicy):
+            m.gen.manual_seed(seed)
+
+
 def online_augment(cfg: OnlineAugmentConfig, input_size: int, seed: int = 0) -> OnlineAugment | None:
     """The batch augmentation `cfg` asks for, or None when it asks for none."""
     if cfg.crop_scale is None and not cfg.hflip and cfg.policy == "none":

@@ -45,7 +45,10 @@ def pretrained_config(arch: str) -> Any:
         close = difflib.get_close_matches(base, timm.list_models(), n=4, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
         raise ConfigError(f"model.arch must be a timm model name, got {arch!r}{hint}")
-    cfg = get_pretrained_cfg(arch)
+    try:
+        cfg = get_pretrained_cfg(arch)
+    except RuntimeError:  # a known architecture with a tag timm does not have
+        cfg = None
     if cfg is None and "." in arch:
         raise ConfigError(f"model.arch: timm has {arch.split('.')[0]!r} but no pretrained tag {arch!r}")
     return cfg

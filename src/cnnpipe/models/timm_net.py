@@ -17,7 +17,11 @@ timm is imported inside the functions: importing `cnnpipe.models` costs nothing 
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,14 +109,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state: Any = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(f"model.weights: {path} is not a readable state dict ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # torch's refusal of a pickled module is pages long, with terminal colours
+        why = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+        raise ConfigError(
+            f"model.weights: {path} is not a readable state dict ({type(exc).__name__}: {why[0][:200] if why else ''}"
+            "); save `model.state_dict()` with safetensors or torch.save"
+        ) from None
     for key in STATE_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"model.weights: {path} is not a state dict of tensors")
+    if not state:  # timm would take an empty overlay for "none given" and go to the hub instead
+        raise ConfigError(f"model.weights: {path} holds no tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -149,17 +159,69 @@ def build_timm(
     head dropped and the first convolution adapted to `in_shape`'s channels by timm."""
     import timm
 
-    pretrained_config(str(cfg.arch))  # an unknown name: one line
+    pcfg = pretrained_config(str(cfg.arch))  # an unknown name: one line
     kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_shape[0], "drop_rate": cfg.dropout}
+    if pcfg is not None and pcfg.fixed_input_size and in_shape[-1] != pcfg.input_size[-1]:
+        kwargs["img_size"] = in_shape[-1]  # a ViT's position embedding is resampled to the input size
     load = pretrained and cfg.pretrained  # the factory passes pretrained=True only when cfg.pretrained
     if load:
         kwargs["pretrained_cfg_overlay"] = {"state_dict": read_state_dict(locate_weights(cfg).path)}
-    try:
-        net = timm.create_model(str(cfg.arch), pretrained=load, **kwargs)
-    except RuntimeError as exc:  # a state dict of another architecture: missing / unexpected keys, shapes
-        first = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"model.weights: do not fit model.arch={cfg.arch} ({first[:300]})") from None
+    with _load_report() as report:
+        try:
+            net = timm.create_model(str(cfg.arch), pretrained=load, **kwargs)
+        except RuntimeError as exc:  # a state dict of another architecture: shapes that differ
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(f"model.weights: do not fit model.arch={cfg.arch} ({first[:300]})") from None
+    if load:
+        kept = getattr(net, "pretrained_cfg", None)
+        if isinstance(kept, dict):
+            kept.pop("state_dict", None)  # timm keeps the overlay: a second copy of every weight
+        _check_loaded(cfg, net, report)
     return TimmNet(net, mean, std, size=in_shape[-1])
+
+
+@contextmanager
+def _load_report() -> Iterator[list[str]]:
+    """What timm says while loading pretrained weights. timm loads non-strictly whenever the head is replaced and
+    only *logs* the keys it missed or did not expect: caught here, so weights of another architecture (a ViT's into
+    a ResNet) are refused instead of leaving a random backbone behind a warning."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger("timm.models._builder")
+    handler, level, propagate = Collect(logging.INFO), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _check_loaded(cfg: ModelConfig, net: nn.Module, messages: list[str]) -> None:
+    """Refuse weights that left tensors of the network unloaded (other than its new classifier) or held tensors
+    it does not have."""
+    head = net.get_classifier()  # type: ignore[operator]
+    head_ids = {id(t) for t in [*head.parameters(), *head.buffers()]} if isinstance(head, nn.Module) else set()
+    head_keys = {k for k, t in net.state_dict(keep_vars=True).items() if id(t) in head_ids}
+    for message in messages:
+        found = re.match(r"(Missing|Unexpected) keys \((.*?)\) (?:discovered|found)", message)
+        if not found:
+            continue
+        keys = [k for k in found.group(2).split(", ") if k and k not in head_keys]
+        if keys:
+            what = "missing from" if found.group(1) == "Missing" else "not in model.arch="
+            where = "them" if found.group(1) == "Missing" else str(cfg.arch)
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise ConfigError(
+                f"model.weights: do not fit model.arch={cfg.arch}: {len(keys)} tensor(s) {what} {where} ({shown})"
+            )
 
 
 def weights_origin(cfg: ModelConfig) -> str | None:

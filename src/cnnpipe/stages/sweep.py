@@ -47,12 +47,20 @@ def _log_parent(run: RunLogger, cfg: Config, best: dict[str, Any], out: Path) ->
 
 
 def searched_archs(cfg: Config) -> list[str | None]:
-    """model.arch and every choice the search space gives it."""
-    archs = [cfg.model.arch]
+    """The architectures trials may build: the search space's `model.arch` choices when it searches that key
+    (then params.yaml's model.arch is used by no trial), else model.arch. Several architectures cannot share one
+    `model.weights` file: that is refused here, in one line, before any trial."""
+    choices: list[str | None] = []
     for p in cfg.sweep.space.values():
         if p.key == "model.arch" and p.type == "categorical":
-            archs += [str(c) for c in p.choices or [] if str(c) not in archs]
-    return archs
+            choices += [str(c) for c in p.choices or [] if str(c) not in choices]
+    if len(choices) > 1 and cfg.model.pretrained and cfg.model.weights:
+        raise ConfigError(
+            f"model.weights: one weights file cannot fit the {len(choices)} architectures sweep.space searches "
+            f"({', '.join(str(c) for c in choices)}); unset model.weights to take each one's from the Hugging Face "
+            "cache, or search one architecture"
+        )
+    return choices or [cfg.model.arch]
 
 
 def run_sweep(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()) -> dict[str, Any]:

@@ -22,12 +22,15 @@ if TYPE_CHECKING:
 ENTRY = Path(__file__).with_name("pyfunc_entry.py")
 # What the model's code (cnnpipe.models + data, shipped with the model) imports at inference time.
 RUNTIME_DISTRIBUTIONS = ("torch", "numpy", "pandas", "pillow", "safetensors", "omegaconf", "pyyaml", "mlflow")
+# What a model family needs besides (model.name -> distributions): timm networks are built by timm.
+FAMILY_DISTRIBUTIONS = {"timm": ("timm", "torchvision")}
 
 
-def pip_requirements() -> list[str]:
-    """The installed versions, pinned; torch without its local build tag (`2.13.0+cpu` -> `2.13.0`)."""
+def pip_requirements(family: str | None = None) -> list[str]:
+    """The installed versions, pinned; torch without its local build tag (`2.13.0+cpu` -> `2.13.0`). `family`:
+    the model's `model.name`, whose own distributions are added (FAMILY_DISTRIBUTIONS)."""
     pins = []
-    for dist in RUNTIME_DISTRIBUTIONS:
+    for dist in (*RUNTIME_DISTRIBUTIONS, *FAMILY_DISTRIBUTIONS.get(family or "", ())):
         try:
             pins.append(f"{dist}=={version(dist).split('+')[0]}")
         except PackageNotFoundError:
@@ -87,7 +90,7 @@ def log_image_model(models_dir: Path, example: np.ndarray, name: str = "model") 
                 code_paths=[str(Path(cnnpipe.__file__).parent)],  # the preprocessing travels with the weights
                 signature=model_signature(predictor.classes),
                 input_example=np.ascontiguousarray(example, dtype=np.uint8),
-                pip_requirements=pip_requirements(),
+                pip_requirements=pip_requirements(str(predictor.spec["model"]["name"])),
                 metadata={"cnnpipe": {"classes": predictor.classes, "in_shape": predictor.in_shape}},
             )
     return info.model_uri

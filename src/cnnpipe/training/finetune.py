@@ -26,11 +26,17 @@ class FreezeBackbone(BaseFinetuning):
     def __init__(self, epochs: int) -> None:
         super().__init__()
         self.epochs = epochs
+        self.unfrozen = False
 
     def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
         self.freeze(backbone_modules(_net(pl_module)), train_bn=False)
+        self.unfrozen = False
 
     def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: Optimizer) -> None:
-        if epoch == self.epochs:
+        """At the first epoch past the frozen ones: a resumed run starting later (frozen again by
+        `freeze_before_training` at fit start) unfreezes at its first epoch, not never."""
+        if epoch >= self.epochs and not self.unfrozen:
             self.make_trainable(backbone_modules(_net(pl_module)))
-            info("train", f"epoch {epoch + 1}: backbone unfrozen")
+            self.unfrozen = True
+            if pl_module.trainer.is_global_zero:  # one line, not one per DDP rank
+                info("train", f"epoch {epoch + 1}: backbone unfrozen")

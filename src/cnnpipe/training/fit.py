@@ -74,6 +74,7 @@ def fit(
         mixup=mixup(cfg, len(spec["classes"])),
         accumulate=cfg.train.accumulate,
         ema=cfg.train.ema,
+        seed=cfg.seed,
     )
     if use_channels_last(cfg):
         module = module.to(memory_format=torch.channels_last)
@@ -96,6 +97,8 @@ def fit(
         with warnings.catch_warnings():
             if resume_from is not None:  # the folder holds the checkpoints we resume from, as it should
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            if module.ema is not None:  # timm's weight average is in eval mode on purpose (it is never trained)
+                warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
             trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
     except SystemExit:
         if trainer.interrupted:

@@ -7,6 +7,7 @@ from dataclasses import replace
 from typing import Any, cast
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.core.optimizer import LightningOptimizer
@@ -15,6 +16,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from cnnpipe.config import OptimConfig
+from cnnpipe.data.online_augment import reseed
 from cnnpipe.training.distributed import scaled_lr
 from cnnpipe.training.optimizers import build_optimizer, parameter_groups
 
@@ -54,14 +56,18 @@ class ImageClassifier(pl.LightningModule):
         mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
         accumulate: int = 1,
         ema: float = 0.0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.net = net
         self.augment = augment  # per-image batch augmentation on the device (data/online_augment.py), or None
         self.mixup = mixup  # timm's Mixup (MixUp / CutMix: soft targets), or None
+        self.seed = seed  # each epoch's random draws start from (seed, epoch, rank): see on_train_epoch_start
         self.accumulate = accumulate  # optimiser step every `accumulate` batches
         self._micro = 0  # batches since the last optimiser step
+        self._window = 1  # batches in the current accumulation window (an epoch's last may be shorter)
+        self._seen = 0  # batches of this epoch so far
         # timm's weight average: validated, checkpointed and saved in place of the raw weights when on. A submodule,
         # so Lightning moves it with the model and the checkpoint carries it (resume keeps the average).
         self.ema: nn.Module | None = None
@@ -113,10 +119,13 @@ class ImageClassifier(pl.LightningModule):
             loss = self._loss(logits, target)
             if self._micro == 0:
                 optimizer.zero_grad(set_to_none=True)
+                self._window = self._window_size()
             self._micro += 1
-            # under DDP every backward all-reduces (also between accumulated steps: simple, and correct)
-            self.manual_backward(loss / self.accumulate if self.accumulate > 1 else loss)
-            if self._micro == self.accumulate or (last_call and i == len(steps) - 1):
+            self._seen += 1
+            # Each window's step is the mean over its batches, an epoch's short last window too (as timm's
+            # train.py). Under DDP every backward all-reduces, also between accumulated steps: simple, correct.
+            self.manual_backward(loss / self._window if self._window > 1 else loss)
+            if self._micro == self._window or (last_call and i == len(steps) - 1):
                 self._micro = 0
                 optimizer.step()  # gradient clipping runs in on_before_optimizer_step, after AMP unscaling
                 if scheduler is not None:
@@ -149,7 +158,23 @@ class ImageClassifier(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch = []
-        self._micro = 0
+        self._micro = self._seen = 0
+        # Every epoch's randomness (dropout, online augmentation, MixUp's numpy draws) starts from a seed of its
+        # own, so a run resumed after epoch k trains epoch k+1 exactly as an uninterrupted run does.
+        epoch_seed = (self.seed * 1_000_003 + self.current_epoch * 1_009 + self.global_rank) % 2**31
+        torch.manual_seed(epoch_seed)
+        np.random.seed(epoch_seed)
+        if self.augment is not None:
+            reseed(self.augment, epoch_seed)
+
+    def _window_size(self) -> int:
+        """Batches in the accumulation window starting now: `accumulate`, or what is left of the epoch."""
+        if self.accumulate == 1:
+            return 1
+        per_epoch = getattr(self.trainer.train_dataloader, "steps_per_epoch", None)
+        if per_epoch is None:
+            return self.accumulate
+        return max(1, min(self.accumulate, int(per_epoch) - self._seen))
 
     def on_train_epoch_end(self) -> None:
         if self.optim_cfg.scheduler == "cosine":  # per-epoch schedule; callbacks read the lr before this

@@ -93,6 +93,15 @@ def checkpoint_callbacks(cfg: Config, ckpt_dir: Path) -> tuple[ModelCheckpoint, 
     return best, last
 
 
+def resolve_strategy(cfg: Config) -> str:
+    """trainer.strategy, with DDP told to expect unused parameters while `model.freeze_epochs` freezes the backbone:
+    the freeze happens after DDP wrapped the model, and plain DDP then fails on the first backward (frozen
+    parameters get no gradient). Still DDP, same results; only its gradient bookkeeping differs."""
+    if cfg.trainer.strategy == "ddp" and cfg.model.freeze_epochs:
+        return "ddp_find_unused_parameters_true"
+    return cfg.trainer.strategy
+
+
 def build_trainer(
     cfg: Config, callbacks: list[Callback], max_epochs: int | None = None, root_dir: Path | None = None
 ) -> pl.Trainer:
@@ -111,7 +120,7 @@ def build_trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,
+        strategy=resolve_strategy(cfg),
         precision=resolve_precision(cfg),  # type: ignore[arg-type]
         deterministic=cfg.train.deterministic,
         callbacks=callbacks,
