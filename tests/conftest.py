@@ -42,6 +42,14 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def seeded_one_thread(one_thread: None) -> None:
+    """`one_thread`, and torch's global generator seeded: tests that build models draw the same weights each run."""
+    import torch
+
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """Debian's chromium; installed with apt-get on first use, or the test is skipped saying why."""

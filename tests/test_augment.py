@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -58,13 +58,7 @@ ONLY: dict[str, AugmentConfig] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    """One torch thread: these tensors are tiny, and extra threads only spin on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread: tiny tensors, a busy machine
 
 
 def gen(seed: int) -> torch.Generator:

@@ -6,12 +6,10 @@ import gzip
 import json
 import re
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from cnnpipe.config import SplitConfig, load_config
@@ -25,14 +23,7 @@ from cnnpipe.stages.prepare import prepare_splits
 from tests.helpers import ROOT, make_image_folder, write_png
 from tests.tiny import conf_section, config_from
 
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    """One torch thread: these tensors are tiny, and extra threads only spin on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread: tiny tensors, a busy machine
 
 
 # --- stratified split ---------------------------------------------------------------------------

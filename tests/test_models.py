@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,14 +38,7 @@ def meta(shape: tuple[int, int, int], num_classes: int = 5) -> dict:
     }
 
 
-@pytest.fixture(autouse=True)
-def _seeded_single_thread() -> Iterator[None]:
-    """Seeded, and one torch thread: tiny models gain nothing from more, and lose a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seeded_one_thread")  # one torch thread: tiny tensors, a busy machine
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -148,7 +140,9 @@ def test_model_carries_the_measured_mean_and_std(name: str) -> None:
     pretraining's (the architecture's pretrained config), which is what its weights expect."""
     net = build_model(model_spec(model_cfg(name), meta((3, 32, 32))))
     state = net.state_dict()
-    mean, std = ([0.4, 0.5, 0.6], [0.2, 0.25, 0.3]) if name != "timm" else ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    mean, std = (
+        ([0.4, 0.5, 0.6], [0.2, 0.25, 0.3]) if name != "timm" else ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    )
     assert state["normalize.mean"].flatten().tolist() == pytest.approx(mean)
     assert state["normalize.std"].flatten().tolist() == pytest.approx(std)
     assert "normalize.mean" not in dict(net.named_parameters())

@@ -34,13 +34,7 @@ def option_names(group: str) -> dict[str, str]:
     return {p.stem: yaml.safe_load(p.read_text())["name"] for p in sorted((CONF / group).glob("*.yaml"))}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seeded_one_thread")  # one torch thread: tiny tensors, a busy machine
 
 
 # --- conf/ and the registries name the same things ----------------------------------------------------------

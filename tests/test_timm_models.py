@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -55,13 +54,7 @@ HUB_FILE = "model.safetensors"
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-@pytest.fixture(autouse=True)
-def _seeded_single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seeded_one_thread")  # one torch thread: tiny tensors, a busy machine
 
 
 def model_cfg(name: str, **changes: object) -> ModelConfig:
