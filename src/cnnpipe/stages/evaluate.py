@@ -66,7 +66,8 @@ def run_evaluation(cfg: Config, root: Path) -> dict[str, Any]:
     write_text_atomic(out / "per_class.csv", per_class_csv(m, classes))
     plot_confusion(m.confusion.numpy(), classes, out / "confusion.png")
     run_id = run_info.get("run_id") if run_info else None
-    report = report_content(m, classes, len(labels), run_id, spec["model"]["name"])
+    model_label = spec["model"].get("arch") or spec["model"]["name"]  # a timm network by its architecture
+    report = report_content(m, classes, len(labels), run_id, model_label)
     write_text_atomic(out / "report.md", render_markdown(report))  # for git and editors: links confusion.png
     write_text_atomic(out / "report.html", render_html(report, (out / "confusion.png").read_bytes()))  # for MLflow
 

@@ -113,7 +113,8 @@ def run_training(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()
     }
     info(
         "train",
-        f"{len(train.labels)} train / {len(val.labels)} val images, model {cfg.model.name}, {cfg.train.epochs} epochs",
+        f"{len(train.labels)} train / {len(val.labels)} val images, model {cfg.model.name}"
+        f"{f' {cfg.model.arch}' if cfg.model.arch else ''}, {cfg.train.epochs} epochs",
     )
     ckpt_root = root / cfg.paths.checkpoints
     rank = launch_rank(cfg.trainer.devices)
