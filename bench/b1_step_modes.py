@@ -72,8 +72,8 @@ def automatic_module(net: Any, num_classes: int, cfg: Any, per_epoch_metrics: bo
         def __init__(self) -> None:
             super().__init__()
             self.net = net
-            self.train_acc = MulticlassAccuracy(num_classes, validate_args=False)
-            self.val_acc = MulticlassAccuracy(num_classes, validate_args=False)
+            self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+            self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
             self.val_f1 = MulticlassF1Score(num_classes, average="macro", validate_args=False)
             self._epoch: list = []
             self._val: list = []

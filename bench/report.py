@@ -32,8 +32,8 @@ NOT_MEASURED = {
         "B1 with timm resnet50 / vit_base_patch16_224 at 224 px on a GPU, bf16-mixed: images/s and MFU against a "
         "hand-written loop",
         "not measured: no GPU on the machine that ran it; where there is one: `python -m bench.b1_train_step "
-        "--data cifar-synthetic --model timm --arch resnet50 --size 224 --n 20000 --device cuda` (and `--arch "
-        "vit_base_patch16_224`)",
+        "--data cifar-synthetic --model timm --arch resnet50 --size 224 --device cuda` (and `--arch "
+        "vit_base_patch16_224`; 20,000 images, 2 epochs, 5 repeats by default there)",
     ),
 }
 

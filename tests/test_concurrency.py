@@ -40,14 +40,14 @@ def logged_weights(client: MlflowClient, run_id: str) -> Path:
 
 
 def val_accuracy(models_dir: Path, project: Path) -> float:
-    """Macro accuracy on the val split (what the run logged as val/acc) of the weights in `models_dir`."""
+    """Accuracy on the val split (what the run logged as val/acc) of the weights in `models_dir`."""
     from torchmetrics.classification import MulticlassAccuracy
 
     net, spec = load_model(models_dir)
     val = load_split(project / "data/prepared/val.npz")
     with torch.no_grad():
         preds = net(torch.from_numpy(val.images).float().div_(255.0)).argmax(1)
-    acc = MulticlassAccuracy(len(spec["classes"]), validate_args=False)
+    acc = MulticlassAccuracy(len(spec["classes"]), average="micro", validate_args=False)
     return float(acc(preds, torch.from_numpy(val.labels)))
 
 

@@ -203,6 +203,28 @@ def test_weights_file_gives_the_backbone_bit_for_bit_and_a_new_head(tmp_path: Pa
     assert files_under(offline_hub) == []
 
 
+def test_a_model_cnnpipe_saved_is_pretrained_weights_for_the_same_architecture(
+    tmp_path: Path, offline_hub: Path
+) -> None:
+    """models/model.safetensors of a cnnpipe timm model (keys net.*, normalize.*) as model.weights for new classes:
+    its backbone arrives bit for bit, the head and the normalisation are the new model's own."""
+    first = build_model(spec_for(timm_cfg(weights=str(write_weights(tmp_path / "resnet.safetensors")))), True)
+    with torch.no_grad():
+        for p in first.net.parameters():
+            p.add_(0.01)  # a backbone unlike the pretrained file's: "trained by cnnpipe"
+    folder = tmp_path / "models"
+    save_model(folder, first, spec_for(timm_cfg()))
+    spec = spec_for(timm_cfg(weights=str(folder)))
+    spec["classes"] = ["a", "b", "c", "d", "e"]
+    second = build_model(spec, pretrained=True)
+    head = classifier(ARCH)
+    trained = {k: v for k, v in first.net.state_dict().items() if not k.startswith(head)}
+    got = second.net.state_dict()
+    assert [k for k, v in trained.items() if not torch.equal(got[k], v)] == []
+    assert second.net.get_classifier().out_features == 5
+    assert second.normalize.mean.flatten().tolist() == [0.5, 0.5, 0.5]
+
+
 def write_format(kind: str, folder: Path) -> Path:
     """`pretrained_state()` saved the ways model.weights accepts; returns what model.weights names."""
     state = pretrained_state()

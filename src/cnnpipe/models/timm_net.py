@@ -36,6 +36,7 @@ from cnnpipe.models.layers import Normalize
 from cnnpipe.models.registry import register_model
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in a hub repo or a folder saved by timm, in this order
+WRAPPED = "net"  # TimmNet's attribute for the timm network: a cnnpipe models/model.safetensors names keys net.*
 STATE_KEYS = ("state_dict", "model", "state_dict_ema")  # checkpoints that wrap the state dict (timm's train.py)
 # The hub's network waits, bounded unless the user set them: a blocked network fails in seconds, never hangs.
 os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
@@ -123,7 +124,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"model.weights: {path} is not a state dict of tensors")
     if not state:  # timm would take an empty overlay for "none given" and go to the hub instead
         raise ConfigError(f"model.weights: {path} holds no tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if all(k.startswith((f"{WRAPPED}.", "normalize.")) for k in state):  # a model cnnpipe saved (TimmNet)
+        state = {k.removeprefix(f"{WRAPPED}."): v for k, v in state.items() if not k.startswith("normalize.")}
+    return state
 
 
 class TimmNet(nn.Module):
@@ -220,7 +224,8 @@ def _check_loaded(cfg: ModelConfig, net: nn.Module, messages: list[str]) -> None
             where = "them" if found.group(1) == "Missing" else str(cfg.arch)
             shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
             raise ConfigError(
-                f"model.weights: do not fit model.arch={cfg.arch}: {len(keys)} tensor(s) {what} {where} ({shown})"
+                f"model.weights: do not fit model.arch={cfg.arch}: {len(keys)} tensor(s) {what} {where} ({shown}); "
+                "to start from a cnnpipe model of another architecture, use model.init_from"
             )
 
 

@@ -81,8 +81,9 @@ class ImageClassifier(pl.LightningModule):
         self.batch_size = batch_size  # None: every training batch is one step
         self.grad_clip = grad_clip
         # validate_args=False: the inputs are our own logits and labels; the checks cost ~0.1 ms per step.
-        self.train_acc = MulticlassAccuracy(num_classes, validate_args=False)
-        self.val_acc = MulticlassAccuracy(num_classes, validate_args=False)
+        # Accuracy is micro (correct / all), as evaluate's test `acc`; torchmetrics' default would be macro.
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_f1 = MulticlassF1Score(num_classes, average="macro", validate_args=False)
         self._epoch: list[Outputs] = []  # this epoch's training steps
         self._val: list[Outputs] = []  # this validation pass
