@@ -314,6 +314,9 @@ def tiny_model(folder: Path, channels: int = 1, classes: tuple[str, ...] = ("cat
         "classes": list(classes),
         "mean": [0.4] * channels,
         "std": [0.3] * channels,
+        "input_size": 8,  # the preprocessing record (data/preprocess.py): stored as the network takes it
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
     }
     torch.manual_seed(0)
     save_model(folder, build_model(spec), spec)

@@ -224,6 +224,14 @@ def test_root_with_its_own_conf(tmp_path: Path) -> None:
 
 REJECTED = [
     (["seed=-1"], "seed"),
+    (["train.ema=0.9", "trainer.precision=bf16-true"], "trainer.precision"),
+    (["train.ema=1.0"], "train.ema"),
+    (["train.accumulate=0"], "train.accumulate"),
+    (["optim.backbone_lr=0"], "optim.backbone_lr"),
+    (["optim.backbone_lr=2"], "optim.backbone_lr"),
+    (["augment.online.policy=autoaugment"], "augment.online.policy"),
+    (["augment.online.crop_scale=[0.5,0.1]"], "augment.online.crop_scale"),
+    (["augment.online.mixup=-1"], "augment.online.mixup"),
     (["data.name=cifar"], "data.name"),
     (["data=imagefolder"], "data.path"),
     (["data=mnist_idx"], "data.path"),

@@ -122,3 +122,29 @@ def test_several_steps_per_call_under_ddp_take_the_same_steps(tmp_path: Path) ->
     assert one["weights"].keys() == four["weights"].keys()
     assert all(torch.equal(one["weights"][k], four["weights"][k]) for k in one["weights"])
     assert one["history"] == four["history"]
+
+
+def test_a_frozen_then_unfrozen_backbone_stays_in_sync_across_ranks(tmp_path: Path) -> None:
+    """Fine-tuning under DDP (timm network, backbone frozen for epoch 1, weight EMA on): after the unfreeze both
+    ranks train one backbone — their weights and averages are identical — and it moved away from the pretrained
+    file. The freeze must come after DDP wraps the model, or DDP never synchronises the backbone (each rank then
+    trains its own), and the EMA copy must not ask DDP for gradients."""
+    import timm
+    import torch
+
+    torch.manual_seed(5)
+    pretrained = timm.create_model("test_resnet.r160_in1k").state_dict()
+    torch.save(pretrained, tmp_path / "weights.pth")
+    script = Path(__file__).parent / "ddp_finetune.py"
+    run([sys.executable, str(script), "--weights", str(tmp_path / "weights.pth"), "--out", str(tmp_path)], tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["world_size"] == 2 and ranks[0]["strategy_kwargs"].get("find_unused_parameters") is True
+    for kind in ("raw", "ema"):
+        a, b = ranks[0][kind], ranks[1][kind]
+        # parameters (BatchNorm's running statistics are each rank's own since its last forward: DDP broadcasts
+        # rank 0's at the start of every forward)
+        differ = [k for k in a if "running_" not in k and "num_batches" not in k and not torch.equal(a[k], b[k])]
+        assert differ == [], f"{kind} weights differ between ranks: {differ[:3]}"
+    conv = "net.conv1.0.weight"
+    assert not torch.equal(ranks[0]["raw"][conv], pretrained["conv1.0.weight"])  # the backbone trained after epoch 1
+    assert not torch.equal(ranks[0]["raw"][conv], ranks[0]["ema"][conv])  # the average is not the raw weights

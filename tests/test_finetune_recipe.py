@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ from cnnpipe.models.factory import build_model, model_spec
 from cnnpipe.models.transfer import backbone_modules, head_module
 from cnnpipe.training.fit import fit, mixup
 from cnnpipe.training.optimizers import parameter_groups
-from tests.tiny import conf_defaults, conf_section, tiny_data
+from tests.tiny import conf_defaults, conf_section, photo_data, tiny_data
 from tests.tiny import tiny_config as config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,24 +36,6 @@ TIMM = ["model=timm", "model.pretrained=false", "model.freeze_epochs=0", "data.c
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-
-
-def photo_data(n: int = 36, seed: int = 0) -> tuple[dict[str, Any], Split, Split]:
-    """n RGB images of 3 classes stored at 21x21 (input 20 / crop_pct 0.95, as prepare stores them for timm)."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 3
-    images = (rng.random((n, 3, 21, 21)) * 60).astype(np.uint8)
-    for i, c in enumerate(labels):
-        images[i, c, :, :] += 150  # each class one bright colour channel
-    meta = {
-        "image_shape": [3, 21, 21],
-        "classes": ["a", "b", "c"],
-        "mean": [0.3] * 3,
-        "std": [0.3] * 3,
-        "preprocess": {"input_size": 20, "storage_size": 21, "interpolation": "bilinear", "crop_pct": 0.95},
-    }
-    split = Split(images, labels.astype(np.int64))
-    return meta, split, split
 
 
 def net_for(*overrides: str) -> nn.Module:

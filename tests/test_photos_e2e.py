@@ -314,15 +314,20 @@ def files_under(project: Path) -> set[str]:
     return {p.relative_to(project).as_posix() for p in project.rglob("*") if ".git" not in p.parts}
 
 
+@pytest.mark.parametrize("weights_file", [False, True], ids=["no-weights", "another-archs-weights"])
 @pytest.mark.parametrize("stage", ["train", "sweep"])
 def test_missing_weights_offline_is_one_line_exit_2_nothing_written(
-    unweighted: Path, stage: str, tmp_path: Path
+    unweighted: Path, stage: str, weights_file: bool, weights: dict[str, Path], tmp_path: Path
 ) -> None:
+    """No weights anywhere, or a file of another architecture's (found only by loading it): refused before the
+    stage opens an MLflow run or a checkpoint folder."""
     hub = tmp_path / "empty-hf-home"
     hub.mkdir()
     env = offline_env(hub)
     before = files_under(unweighted)
     cmd = [sys.executable, f"pipelines/{stage}.py", *(["train.hparams=params"] if stage == "train" else [])]
+    if weights_file:
+        cmd.append(f"model.weights={weights[OTHER_ARCH]}")
     started = time.monotonic()
     proc = subprocess.run(cmd, cwd=unweighted, env=env, capture_output=True, text=True, timeout=120)
     elapsed = time.monotonic() - started
@@ -330,6 +335,8 @@ def test_missing_weights_offline_is_one_line_exit_2_nothing_written(
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"cnnpipe {stage}: error:") and ARCH in lines[0] and "model.weights" in lines[0]
+    if weights_file:
+        assert "do not fit" in lines[0]
     assert elapsed < 30, elapsed
     assert files_under(unweighted) == before
     for folder in ("models", "checkpoints", "sweep"):

@@ -121,6 +121,28 @@ def test_unusable_arrays_raise_one_line_naming_the_problem(gray: ImagePredictor,
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_models_record_says_crop_or_squash(gray: ImagePredictor) -> None:
+    """A model saved with the preprocessing record (input_size in its spec) was trained on each image's central
+    square: a wide image loses its sides. One saved before it was trained on whole images squashed square, and is
+    served that way still."""
+    wide = np.zeros((8, 16), dtype=np.uint8)
+    wide[:, :4] = 255  # the left quarter white: outside the central square
+    recorded = gray
+    old = ImagePredictor(gray.net, {k: v for k, v in gray.spec.items() if k not in ("input_size", "interpolation")})
+    assert recorded.square and not old.square
+    legacy = old.predict(png_bytes(wide))
+    from cnnpipe.data.inputs import to_batch
+
+    squashed = to_batch(png_bytes(wide), [1, 8, 8], square=False).images[0, 0]
+    cropped = to_batch(png_bytes(wide), [1, 8, 8], square=True).images[0, 0]
+    assert squashed[:, 0].min() == 255 and cropped.max() == 0
+    probs = [c for c in legacy.columns if c.startswith("prob_")]
+    expected = old.probabilities(squashed[None, None])[0]
+    assert np.allclose(legacy[probs].to_numpy(dtype=float)[0], expected)
+    expected = recorded.probabilities(cropped[None, None])[0]
+    assert np.allclose(recorded.predict(png_bytes(wide))[probs].to_numpy(dtype=float)[0], expected)
+
+
 # ---------------------------------------------------------------- the logged model and the server: slow
 
 

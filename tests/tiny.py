@@ -29,6 +29,24 @@ def tiny_data(n: int = 60) -> tuple[dict, Split, Split]:
     return meta, split, split
 
 
+def photo_data(n: int = 36, seed: int = 0) -> tuple[dict[str, Any], Split, Split]:
+    """n RGB images of 3 classes stored at 21x21 (input 20 / crop_pct 0.95, as prepare stores them for timm)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    images = (rng.random((n, 3, 21, 21)) * 60).astype(np.uint8)
+    for i, c in enumerate(labels):
+        images[i, c, :, :] += 150  # each class one bright colour channel
+    meta = {
+        "image_shape": [3, 21, 21],
+        "classes": ["a", "b", "c"],
+        "mean": [0.3] * 3,
+        "std": [0.3] * 3,
+        "preprocess": {"input_size": 20, "storage_size": 21, "interpolation": "bilinear", "crop_pct": 0.95},
+    }
+    split = Split(images, labels.astype(np.int64))
+    return meta, split, split
+
+
 def tiny_config(*overrides: str) -> Config:
     return load_config(
         ["train.hparams=params", "trainer.accelerator=cpu", "data.batch_size=16", "optim.lr=0.01", *overrides],

@@ -58,7 +58,7 @@ class DataConfig:
     name: str
     path: str | None
     channels: int
-    image_size: int | None  # the network's input size; None: the model's own (models/preprocess.py)
+    image_size: int | None  # the network's input size; None: the model's own (data/preprocess.py)
     split: SplitConfig
     batch_size: int
     on_device: str
@@ -530,7 +530,8 @@ def validate(cfg: Config, root: Path | None = None) -> None:
     _check(
         not m.freeze_epochs or bool(m.init_from) or m.pretrained,
         "model.freeze_epochs",
-        "0 unless the backbone comes trained (model.init_from set, or model.pretrained=true)",
+        "0 unless the backbone comes trained (model.init_from set, or model.pretrained=true; with "
+        "model.pretrained=false set model.freeze_epochs=0 too)",
         m.freeze_epochs,
     )
     if m.name in PRETRAINED_FAMILIES:
@@ -616,6 +617,12 @@ def validate(cfg: Config, root: Path | None = None) -> None:
     _check(tr.num_nodes >= 1, "trainer.num_nodes", ">= 1", tr.num_nodes)
     _check(tr.precision in PRECISIONS, "trainer.precision", f"one of {', '.join(PRECISIONS)}", tr.precision)
     _check(tr.threads >= 0, "trainer.threads", ">= 0", tr.threads)
+    _check(
+        not (cfg.train.ema and tr.precision == "bf16-true"),
+        "trainer.precision",
+        "a mixed or full precision with train.ema (the weight average needs float32 weights: bf16-mixed)",
+        tr.precision,
+    )
     _check(tr.steps_per_call >= 1, "trainer.steps_per_call", ">= 1", tr.steps_per_call)
     _check(tr.channels_last in ("auto", "on", "off"), "trainer.channels_last", "auto, on or off", tr.channels_last)
     _check(tr.scale_lr in ("none", "linear", "sqrt"), "trainer.scale_lr", "none, linear or sqrt", tr.scale_lr)

@@ -54,8 +54,11 @@ def square_box(width: int, height: int) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
-def decode_image(path: Path, channels: int, size: int, interpolation: str = "bilinear") -> np.ndarray:
-    """uint8 array (channels, size, size): the image's central square, resized with `interpolation`; EXIF
+def decode_image(
+    path: Path, channels: int, size: int, interpolation: str = "bilinear", square: bool = True
+) -> np.ndarray:
+    """uint8 array (channels, size, size): the image's central square (`square=False`: the whole image, squashed,
+    as models saved before the preprocessing record were trained), resized with `interpolation`; EXIF
     orientation applied; alpha composited over black."""
     try:
         with warnings.catch_warnings():
@@ -71,7 +74,7 @@ def decode_image(path: Path, channels: int, size: int, interpolation: str = "bil
             img = Image.alpha_composite(background, rgba)
         img = img.convert("L" if channels == 1 else "RGB")
         if img.size != (size, size):
-            box = square_box(*img.size)
+            box = square_box(*img.size) if square else None
             img = img.resize((size, size), RESAMPLING[interpolation], box=box, reducing_gap=3.0)
     except DECODE_ERRORS as exc:
         raise ImageDecodeError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None

@@ -112,10 +112,15 @@ class ImageBatch:
 
 
 def to_batch(
-    model_input: Any, in_shape: Sequence[int], limits: PixelLimits | None = None, interpolation: str = "bilinear"
+    model_input: Any,
+    in_shape: Sequence[int],
+    limits: PixelLimits | None = None,
+    interpolation: str = "bilinear",
+    square: bool = True,
 ) -> ImageBatch:
     """Normalise any accepted input to one batch at `in_shape` (C, H, W): each image's central square resized with
-    `interpolation`, as prepare stored the training images (the model's spec says both). Whole-input problems (a bad
+    `interpolation`, as prepare stored the training images (the model's spec says both; `square=False`: the whole
+    image squashed, as models saved before that record were trained). Whole-input problems (a bad
     array shape or dtype, pixel arrays over the limits) raise DataError; a single undecodable file, or one over the
     pixel limits (`limits`, default from the environment), only marks its row."""
     channels, size = int(in_shape[0]), int(in_shape[-1])
@@ -125,12 +130,12 @@ def to_batch(
         batch = _batch_nchw(cells, in_shape)
         for _ in range(len(batch)):
             budget.take(batch.shape[-1], batch.shape[-2])
-        return ImageBatch(_fit_pixels(batch, channels, size, interpolation), [None] * len(cells))
+        return ImageBatch(_fit_pixels(batch, channels, size, interpolation, square), [None] * len(cells))
     images = np.zeros((len(cells), channels, size, size), dtype=np.uint8)
     errors: list[str | None] = [None] * len(cells)
     for i, cell in enumerate(cells):
         try:
-            images[i] = _one_image(cell, in_shape, budget, interpolation)
+            images[i] = _one_image(cell, in_shape, budget, interpolation, square)
         except (ImageDecodeError, DataError) as exc:
             errors[i] = str(exc)
     return ImageBatch(images, errors)
@@ -177,14 +182,14 @@ def _cells(model_input: Any) -> np.ndarray | list[Any]:
     return model_input
 
 
-def _one_image(cell: Any, in_shape: Sequence[int], budget: _Budget, interpolation: str) -> np.ndarray:
+def _one_image(cell: Any, in_shape: Sequence[int], budget: _Budget, interpolation: str, square: bool) -> np.ndarray:
     """One item: encoded bytes, base64 text, or the pixels of one image."""
     channels, size = int(in_shape[0]), int(in_shape[-1])
     if isinstance(cell, str):
         cell = _from_base64(cell)
     if isinstance(cell, (bytes, bytearray, memoryview)):
         try:
-            return _decode_bounded(bytes(cell), channels, size, budget, interpolation)
+            return _decode_bounded(bytes(cell), channels, size, budget, interpolation, square)
         except ImageDecodeError as exc:  # Pillow names the file object: "<_io.BytesIO object at 0x...>"
             raise ImageDecodeError(re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))) from None
     pixels = np.asarray(cell)
@@ -197,7 +202,7 @@ def _one_image(cell: Any, in_shape: Sequence[int], budget: _Budget, interpolatio
         pixels = pixels if _channels_first(pixels.shape, in_shape) else pixels.transpose(2, 0, 1)
     else:
         raise DataError(f"one image must be (H, W), (H, W, C) or (C, H, W), got shape {pixels.shape}")
-    return _fit_pixels(pixels[None], channels, size, interpolation)[0]
+    return _fit_pixels(pixels[None], channels, size, interpolation, square)[0]
 
 
 def _hw(shape: Sequence[int], in_shape: Sequence[int]) -> tuple[int, int]:
@@ -205,7 +210,9 @@ def _hw(shape: Sequence[int], in_shape: Sequence[int]) -> tuple[int, int]:
     return (shape[1], shape[2]) if _channels_first(shape, in_shape) else (shape[0], shape[1])
 
 
-def _decode_bounded(data: bytes, channels: int, size: int, budget: _Budget, interpolation: str) -> np.ndarray:
+def _decode_bounded(
+    data: bytes, channels: int, size: int, budget: _Budget, interpolation: str, square: bool
+) -> np.ndarray:
     """Encoded bytes -> uint8 (channels, size, size), its size checked against `budget` from the header first.
     Up to LARGE_IMAGE_PIXELS exactly as prepare decodes (`decode_image`); larger ones downscaled as read."""
     try:
@@ -218,14 +225,16 @@ def _decode_bounded(data: bytes, channels: int, size: int, budget: _Budget, inte
         raise ImageDecodeError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     budget.take(width, height)
     if width * height <= LARGE_IMAGE_PIXELS:
-        return decode_image(io.BytesIO(data), channels, size, interpolation)  # type: ignore[arg-type]  # a file object
+        return decode_image(io.BytesIO(data), channels, size, interpolation, square)  # type: ignore[arg-type]
     try:
-        return _LARGE_DECODER.submit(_decode_large, data, channels, size, interpolation).result()
+        return _LARGE_DECODER.submit(_decode_large, data, channels, size, interpolation, square).result()
     except DECODE_ERRORS as exc:
         raise ImageDecodeError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
-def _decode_large(data: bytes, channels: int, size: int, interpolation: str = "bilinear") -> np.ndarray:
+def _decode_large(
+    data: bytes, channels: int, size: int, interpolation: str = "bilinear", square: bool = True
+) -> np.ndarray:
     """A large image decoded small: JPEG at the smallest DCT scale still >= REDUCING_GAP x `size`, anything else
     `reduce`d by a whole factor right after decoding (palette, bilevel and 16-bit modes converted first, as reduce
     needs); then the steps of `decode_image` after its load, on the small image."""
@@ -258,7 +267,8 @@ def _decode_large(data: bytes, channels: int, size: int, interpolation: str = "b
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
     img = img.convert("L" if channels == 1 else "RGB")
     if img.size != (size, size):
-        img = img.resize((size, size), RESAMPLING[interpolation], box=square_box(*img.size), reducing_gap=3.0)
+        box = square_box(*img.size) if square else None
+        img = img.resize((size, size), RESAMPLING[interpolation], box=box, reducing_gap=3.0)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None, :, :] if channels == 1 else arr.transpose(2, 0, 1).copy()
 
@@ -293,7 +303,9 @@ def _channels_first(shape: Sequence[int], in_shape: Sequence[int]) -> bool:
     raise DataError(f"images of shape {tuple(shape)} have no channel axis of size 1-4 (first or last)")
 
 
-def _fit_pixels(pixels: np.ndarray, channels: int, size: int, interpolation: str = "bilinear") -> np.ndarray:
+def _fit_pixels(
+    pixels: np.ndarray, channels: int, size: int, interpolation: str = "bilinear", square: bool = True
+) -> np.ndarray:
     """uint8 (N, C, H, W) with any C in 1..4 -> the model's channels and size; alpha composited over black."""
     x = _as_uint8(pixels)
     if x.shape[1] not in CHANNEL_COUNTS:
@@ -301,7 +313,7 @@ def _fit_pixels(pixels: np.ndarray, channels: int, size: int, interpolation: str
     if x.shape[1] in (2, 4):  # gray+alpha / RGBA: over a black background, as decode_image does
         alpha = x[:, -1:].astype(np.float32) / 255.0
         x = np.rint(x[:, :-1].astype(np.float32) * alpha).astype(np.uint8)
-    return fit_images(x, channels, size, interpolation)
+    return fit_images(x, channels, size, interpolation, square)
 
 
 def _as_uint8(pixels: np.ndarray) -> np.ndarray:

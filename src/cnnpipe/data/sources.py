@@ -41,9 +41,11 @@ class RawData:
         return h.hexdigest()
 
 
-def fit_images(images: np.ndarray, channels: int, size: int, interpolation: str = "bilinear") -> np.ndarray:
-    """Convert a uint8 (N, C, H, W) batch to `channels` and `size` x `size` (the central square, resized with
-    `interpolation`, antialiased), as uint8."""
+def fit_images(
+    images: np.ndarray, channels: int, size: int, interpolation: str = "bilinear", square: bool = True
+) -> np.ndarray:
+    """Convert a uint8 (N, C, H, W) batch to `channels` and `size` x `size` (the central square, or with
+    `square=False` the whole image squashed; resized with `interpolation`, antialiased), as uint8."""
     x = torch.from_numpy(np.ascontiguousarray(images))
     if x.shape[1] != channels:
         if channels == 3:
@@ -53,7 +55,7 @@ def fit_images(images: np.ndarray, channels: int, size: int, interpolation: str 
             x = (x.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
     if tuple(x.shape[-2:]) != (size, size):
         height, width = (int(d) for d in x.shape[-2:])
-        left, top, right, bottom = square_box(width, height)
+        left, top, right, bottom = square_box(width, height) if square else (0, 0, width, height)
         x = x[..., top:bottom, left:right].float()
         if interpolation == "nearest":
             x = F.interpolate(x, size=(size, size), mode="nearest-exact")
@@ -65,7 +67,7 @@ def fit_images(images: np.ndarray, channels: int, size: int, interpolation: str 
 
 @dataclass(frozen=True)
 class Fit:
-    """The stored images' side and how they are resized to it (models/preprocess.py's storage geometry)."""
+    """The stored images' side and how they are resized to it (data/preprocess.py's storage geometry)."""
 
     size: int
     interpolation: str = "bilinear"
@@ -109,8 +111,8 @@ def _find_idx(folder: Path, prefix: str) -> Path:
 
 
 def load_mnist_idx_source(cfg: DataConfig, fit: Fit | None = None) -> RawData:
-    fit = fit or default_fit(cfg)
     """The four IDX files of MNIST-style data; train and t10k are pooled and re-split by our ratios."""
+    fit = fit or default_fit(cfg)
     folder = Path(str(cfg.path)).expanduser()
     if not folder.is_dir():
         raise DataError(f"{folder}: data.path is not a folder")

@@ -19,7 +19,7 @@ from cnnpipe.models.registry import model_builder
 
 def model_spec(model_cfg: ModelConfig, meta: dict[str, Any]) -> dict[str, Any]:
     """The model's config, the images it takes as stored (`in_shape`, storage size) and everything that turns
-    them into its input (models/preprocess.py): what evaluation, the pyfunc model and predict.py rebuild from."""
+    them into its input (data/preprocess.py): what evaluation, the pyfunc model and predict.py rebuild from."""
     geometry = prepared_geometry(meta)
     mean, std = resolve_normalisation(model_cfg, int(meta["image_shape"][0]), meta)
     return {

@@ -9,7 +9,7 @@ from torch import nn
 class Normalize(nn.Module):
     """The network's first layer: a centre crop to its input `size` when given a larger image, then per-channel
     (x - mean) / std. Inside the model, so a saved model carries its own preprocessing: evaluation and serving
-    feed images as prepare stored them (`input size / crop_pct`, models/preprocess.py) and get the resize +
+    feed images as prepare stored them (`input size / crop_pct`, data/preprocess.py) and get the resize +
     centre crop a pretrained network expects; training batches arrive already cropped to `size`."""
 
     mean: torch.Tensor

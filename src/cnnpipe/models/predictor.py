@@ -28,6 +28,8 @@ class ImagePredictor:
         self.classes = [str(c) for c in spec["classes"]]
         self.in_shape = [int(d) for d in spec["in_shape"]]  # as prepare stored images; the net crops its input
         self.interpolation = str(spec.get("interpolation", "bilinear"))
+        # A spec written before the preprocessing record (no input_size) was trained on whole images squashed square.
+        self.square = "input_size" in spec
 
     @classmethod
     def from_folder(cls, folder: Path) -> ImagePredictor:
@@ -50,7 +52,7 @@ class ImagePredictor:
         return torch.cat(out).numpy().astype(np.float64)
 
     def predict(self, model_input: Any) -> pd.DataFrame:
-        batch = to_batch(model_input, self.in_shape, interpolation=self.interpolation)
+        batch = to_batch(model_input, self.in_shape, interpolation=self.interpolation, square=self.square)
         probs = self.probabilities(batch.images)
         best = probs.argmax(axis=1)
         frame = pd.DataFrame(

@@ -64,9 +64,9 @@ def _missing(arch: str, why: str) -> ConfigError:
     )
 
 
-def locate_weights(cfg: ModelConfig, download: bool = True) -> WeightsSource:
-    """Where `cfg`'s pretrained weights are, without reading them: fit calls it first (through `weights_origin`) so
-    that missing weights stop a run before it writes anything. `download=False`: the cache only."""
+def locate_weights(cfg: ModelConfig) -> WeightsSource:
+    """Where `cfg`'s pretrained weights are, without reading them (the stages call it through `weights_origin`
+    before they write anything, so that missing weights stop a run at once)."""
     arch = str(cfg.arch)
     if cfg.weights:
         path = Path(cfg.weights).expanduser()
@@ -88,7 +88,7 @@ def locate_weights(cfg: ModelConfig, download: bool = True) -> WeightsSource:
         cached = try_to_load_from_cache(repo, name)
         if isinstance(cached, str):
             return WeightsSource(Path(cached), f"hub cache {repo}")
-    if _hub_offline() or not download:
+    if _hub_offline():
         raise _missing(arch, f"{repo} is not in the Hugging Face cache and HF_HUB_OFFLINE is set")
     from huggingface_hub import hf_hub_download
 
@@ -141,12 +141,18 @@ class TimmNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalize(x))
 
-    def head_module(self) -> nn.Module:
-        """The classifier timm made for the data's classes: the new head (fine-tuning recipes, freezing)."""
-        head = self.net.get_classifier()  # type: ignore[operator]
-        if not isinstance(head, nn.Module):
-            raise TypeError(f"{type(self.net).__name__}.get_classifier() is not a module")
-        return head
+    def head_modules(self) -> list[nn.Module]:
+        """The classifier(s) timm made for the data's classes: the new head (fine-tuning recipes, freezing)."""
+        return classifiers(self.net)
+
+
+def classifiers(net: nn.Module) -> list[nn.Module]:
+    """timm's `get_classifier()`: one module, or a tuple of them for distilled networks (DeiT's head, head_dist)."""
+    found = net.get_classifier()  # type: ignore[operator]
+    heads = list(found) if isinstance(found, (tuple, list)) else [found]
+    if not heads or not all(isinstance(h, nn.Module) for h in heads):
+        raise TypeError(f"{type(net).__name__}.get_classifier() is not a module")
+    return heads
 
 
 @register_model("timm")
@@ -174,8 +180,11 @@ def build_timm(
         try:
             net = timm.create_model(str(cfg.arch), pretrained=load, **kwargs)
         except RuntimeError as exc:  # a state dict of another architecture: shapes that differ
-            first = str(exc).strip().splitlines()[0]
-            raise ConfigError(f"model.weights: do not fit model.arch={cfg.arch} ({first[:300]})") from None
+            lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+            why = next((line for line in lines if line.startswith(("size mismatch", "Missing", "Unexpected"))), "")
+            raise ConfigError(
+                f"model.weights: do not fit model.arch={cfg.arch} ({(why or lines[0] if lines else '')[:300]})"
+            ) from None
     if load:
         kept = getattr(net, "pretrained_cfg", None)
         if isinstance(kept, dict):
@@ -210,9 +219,9 @@ def _load_report() -> Iterator[list[str]]:
 
 def _check_loaded(cfg: ModelConfig, net: nn.Module, messages: list[str]) -> None:
     """Refuse weights that left tensors of the network unloaded (other than its new classifier) or held tensors
-    it does not have."""
-    head = net.get_classifier()  # type: ignore[operator]
-    head_ids = {id(t) for t in [*head.parameters(), *head.buffers()]} if isinstance(head, nn.Module) else set()
+    it does not have. timm reports these only in its log (its wording, pinned by requirements.lock's timm, is
+    checked by tests/test_timm_models.py, which fails if a timm upgrade rewords it)."""
+    head_ids = {id(t) for head in classifiers(net) for t in [*head.parameters(), *head.buffers()]}
     head_keys = {k for k, t in net.state_dict(keep_vars=True).items() if id(t) in head_ids}
     for message in messages:
         found = re.match(r"(Missing|Unexpected) keys \((.*?)\) (?:discovered|found)", message)

@@ -19,18 +19,24 @@ class TransferReport:
     skipped: list[str]  # in the target, not taken from the source (missing there, or another shape)
 
 
+def head_modules(net: nn.Module) -> list[nn.Module]:
+    """The classifier(s) that map features to the data's classes: a family's `head_modules()` (a timm network's
+    classifier; two for a distilled one, head and head_dist) or its `head` (cnnpipe's own families); none for a
+    network with neither."""
+    finder = getattr(net, "head_modules", None)
+    heads = finder() if callable(finder) else [getattr(net, "head", None)]
+    return [h for h in heads if isinstance(h, nn.Module)]
+
+
 def head_module(net: nn.Module) -> nn.Module | None:
-    """The classifier that maps features to the data's classes: a family's `head_module()` (a timm network's
-    classifier) or its `head` (cnnpipe's own families); None for a network with neither."""
-    finder = getattr(net, "head_module", None)
-    head = finder() if callable(finder) else getattr(net, "head", None)
-    return head if isinstance(head, nn.Module) else None
+    """The one classifier of a network that has one (tests and callers that know their family)."""
+    heads = head_modules(net)
+    return heads[0] if len(heads) == 1 else None
 
 
 def head_parameter_names(net: nn.Module) -> set[str]:
     """The qualified names of the head's parameters (the new head: full lr, never frozen)."""
-    head = head_module(net)
-    own = {id(p) for p in head.parameters()} if head is not None else set()
+    own = {id(p) for head in head_modules(net) for p in head.parameters()}
     return {name for name, p in net.named_parameters() if id(p) in own}
 
 
@@ -38,14 +44,14 @@ def backbone_modules(net: nn.Module) -> list[nn.Module]:
     """The largest sub-modules that do not hold the head (and not the input Normalize layer): what
     `model.freeze_epochs` keeps frozen, whether the head is a top-level child (cnnpipe's families) or nested
     (a timm ConvNeXt's head.fc)."""
-    head = head_module(net)
+    heads = head_modules(net)
 
     def outside(root: nn.Module) -> list[nn.Module]:
         found: list[nn.Module] = []
         for name, child in root.named_children():
-            if child is head or name == "normalize":
+            if any(child is h for h in heads) or name == "normalize":
                 continue
-            if head is not None and any(m is head for m in child.modules()):
+            if any(m is h for m in child.modules() for h in heads):
                 found += outside(child)
             else:
                 found.append(child)

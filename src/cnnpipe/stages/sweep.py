@@ -17,12 +17,12 @@ from cnnpipe.console import info, warn
 from cnnpipe.data.preprocess import check_prepared
 from cnnpipe.data.store import load_meta
 from cnnpipe.errors import CnnpipeError, ConfigError
-from cnnpipe.models.timm_net import weights_origin
 from cnnpipe.redact import mask_secrets
 from cnnpipe.tracking.names import experiment_name, run_label
 from cnnpipe.tracking.runs import RunLogger, tracked_run
 from cnnpipe.tracking.tags import run_tags
 from cnnpipe.tracking.uri import resolve_tracking_uri
+from cnnpipe.training.fit import check_pretrained_weights
 from cnnpipe.training.trainer import within_tie
 from cnnpipe.tuning.objective import VAL_LOSS_ATTR
 from cnnpipe.tuning.pool import close_orphaned_trial_runs, run_workers
@@ -72,8 +72,8 @@ def run_sweep(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()) -
         return _skip(cfg, root)
     cfg = pin_explicit(cfg, explicit)
     check_prepared(cfg, meta, str(root / cfg.paths.prepared / "meta.json"))
-    for arch in searched_archs(cfg):  # every architecture a trial may draw has its weights: one line, no trial
-        weights_origin(replace(cfg.model, arch=arch))
+    for arch in searched_archs(cfg):  # every architecture a trial may draw has usable weights: one line, no trial
+        check_pretrained_weights(replace(cfg, model=replace(cfg.model, arch=arch)), meta)
     name = study_name(cfg)
     storage = describe_storage(cfg, root)
     if cfg.sweep.workers > 1 and storage.startswith("sqlite"):

@@ -16,7 +16,6 @@ from cnnpipe.data.preprocess import Geometry, check_prepared, resolve_normalisat
 from cnnpipe.data.store import load_meta, load_split
 from cnnpipe.errors import DataError
 from cnnpipe.models.store import RUN_FILE, SPEC, SPEC_SHA, WEIGHTS, WEIGHTS_SHA, file_sha256, publish_model, save_model
-from cnnpipe.models.timm_net import weights_origin
 from cnnpipe.redact import mask_secrets
 from cnnpipe.tracking.datasets import combined_digest, split_inputs
 from cnnpipe.tracking.model_logging import log_image_model
@@ -25,7 +24,7 @@ from cnnpipe.tracking.runs import close_run, connect, tracked_run
 from cnnpipe.tracking.tags import run_tags
 from cnnpipe.training.curves import history_csv, plot_curves
 from cnnpipe.training.distributed import launch_rank
-from cnnpipe.training.fit import fit
+from cnnpipe.training.fit import check_pretrained_weights, fit
 from cnnpipe.training.resume import (
     Damaged,
     HistoryFile,
@@ -36,6 +35,7 @@ from cnnpipe.training.resume import (
     start_checkpoints,
     weights_dir,
 )
+from cnnpipe.training.trainer import resolve_strategy
 
 # What the train stage publishes to models/, as one unit (run.json last, naming the run and the weights' sha256).
 OUTPUTS = [WEIGHTS, SPEC, "history.csv", "curves.png", "config.yaml", RUN_FILE]
@@ -74,9 +74,9 @@ def apply_hparams(cfg: Config, root: Path, explicit: frozenset[str] = frozenset(
     return tuned, tags
 
 
-def preprocess_tags(cfg: Config, meta: dict[str, Any], geometry: Geometry, origin: str | None) -> dict[str, str]:
-    """What the config's nulls resolved to (the model's own preprocessing) and where pretrained weights came from:
-    the run says the values it used, not only `null`."""
+def resolved_tags(cfg: Config, meta: dict[str, Any], geometry: Geometry, origin: str | None) -> dict[str, str]:
+    """What the config's nulls resolved to (the model's own preprocessing), where pretrained weights came from, and
+    the DDP strategy when it is not the config's: the run says the values it used, not only `null`."""
     mean, std = resolve_normalisation(cfg.model, int(meta["image_shape"][0]), meta)
     tags = {
         "cnnpipe.input_size": str(geometry.input_size),
@@ -86,6 +86,14 @@ def preprocess_tags(cfg: Config, meta: dict[str, Any], geometry: Geometry, origi
     }
     if origin is not None:
         tags["cnnpipe.pretrained_weights"] = origin
+    strategy = resolve_strategy(cfg)
+    if strategy != cfg.trainer.strategy:
+        tags["cnnpipe.strategy"] = strategy
+        info(
+            "train",
+            f"trainer.strategy={cfg.trainer.strategy} runs as {strategy}: the frozen backbone (model."
+            "freeze_epochs) has no gradients, which DDP must expect",
+        )
     return tags
 
 
@@ -101,21 +109,10 @@ def run_training(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()
     prepared, augmented = root / cfg.paths.prepared, root / cfg.paths.augmented
     meta = load_meta(prepared)
     geometry = check_prepared(cfg, meta, str(prepared / "meta.json"))
-    origin = weights_origin(cfg.model)  # missing pretrained weights: one line now, before any run or file
     train_file, val_file = augmented / "train.npz", prepared / "val.npz"
     train, val = load_split(train_file, mmap=True, meta=meta), load_split(val_file, mmap=True, meta=meta)
     out = root / cfg.paths.models
     inputs = split_inputs(cfg.data.name, {"train": (train_file, train), "val": (val_file, val)})
-    tags = {
-        **run_tags(root, "train", cfg.data.name, combined_digest(inputs)),
-        **hparam_tags,
-        **preprocess_tags(cfg, meta, geometry, origin),
-    }
-    info(
-        "train",
-        f"{len(train.labels)} train / {len(val.labels)} val images, model {cfg.model.name}"
-        f"{f' {cfg.model.arch}' if cfg.model.arch else ''}, {cfg.train.epochs} epochs",
-    )
     ckpt_root = root / cfg.paths.checkpoints
     rank = launch_rank(cfg.trainer.devices)
     damaged: list[Damaged] = []
@@ -124,6 +121,19 @@ def run_training(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()
     resumable = find_resumable(cfg, ckpt_root, claim=rank == 0, damaged=damaged)
     if damaged:
         _close_damaged_runs(cfg, root, damaged, resumable.run_id if resumable else None)
+    # Pretrained weights found and tried on the network now, before an MLflow run or a checkpoint folder exists:
+    # missing or unfitting weights are one line and nothing else. A resumed run's checkpoint holds its weights.
+    origin = None if resumable else check_pretrained_weights(cfg, meta)
+    info(
+        "train",
+        f"{len(train.labels)} train / {len(val.labels)} val images, model {cfg.model.name}"
+        f"{f' {cfg.model.arch}' if cfg.model.arch else ''}, {cfg.train.epochs} epochs",
+    )
+    tags = {
+        **run_tags(root, "train", cfg.data.name, combined_digest(inputs)),
+        **hparam_tags,
+        **resolved_tags(cfg, meta, geometry, origin),
+    }
     if rank != 0:
         # DDP worker: same training, no MLflow run, no outputs (rank 0's checkpoint folder is broadcast).
         fit(

@@ -1,7 +1,12 @@
 """Freeze the transferred backbone for the first `model.freeze_epochs` epochs (Lightning's BaseFinetuning).
 
 All parameters stay in the optimiser from the start: frozen ones get no gradient, so the optimiser skips
-them, and unfreezing needs no new param group — which keeps OneCycle and cosine schedules valid."""
+them, and unfreezing needs no new param group — which keeps OneCycle and cosine schedules valid.
+
+The freeze happens at fit start, after the strategy wrapped the model, not in `setup` as BaseFinetuning does:
+DDP registers only the parameters that need gradients when it wraps, so a backbone frozen before the wrap is
+never synchronised once unfrozen (each rank would train its own). DDP is told to expect the frozen parameters
+(training/trainer.py, `resolve_strategy`)."""
 
 from __future__ import annotations
 
@@ -27,6 +32,13 @@ class FreezeBackbone(BaseFinetuning):
         super().__init__()
         self.epochs = epochs
         self.unfrozen = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Nothing yet: see the module docstring (freezing here would hide the backbone from DDP)."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.freeze_before_training(pl_module)
+        super().on_fit_start(trainer, pl_module)
 
     def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
         self.freeze(backbone_modules(_net(pl_module)), train_bn=False)

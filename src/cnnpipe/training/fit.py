@@ -20,6 +20,7 @@ from cnnpipe.data.online_augment import online_augment
 from cnnpipe.data.preprocess import check_prepared
 from cnnpipe.data.store import Split
 from cnnpipe.models.factory import build_model, model_spec
+from cnnpipe.models.timm_net import weights_origin
 from cnnpipe.training.callbacks import EpochHistory, MetricSink
 from cnnpipe.training.finetune import FreezeBackbone
 from cnnpipe.training.init_from import initialise_from
@@ -114,6 +115,15 @@ def fit(
     evaluated = module.evaluated_net()  # the weight average when train.ema is on
     net = getattr(evaluated, "_orig_mod", evaluated)  # the plain module behind torch.compile
     return FitResult(net.cpu().eval(), spec, history.rows, best_score, best_epoch, trainer)
+
+
+def check_pretrained_weights(cfg: Config, meta: dict[str, Any]) -> str | None:
+    """Where the pretrained weights come from (None without them), after building the network with them once: a
+    missing, unreadable or unfitting weights file is one ConfigError here, before a stage opens a run or writes."""
+    origin = weights_origin(cfg.model)
+    if origin is not None:
+        build_model(model_spec(cfg.model, meta), pretrained=True)
+    return origin
 
 
 def mixup(cfg: Config, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], Any] | None:

@@ -75,6 +75,7 @@ class ImageClassifier(pl.LightningModule):
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(net, decay=ema)
+            self.ema.requires_grad_(False)  # never trained: DDP must not wait for its gradients
         self.optim_cfg = optim
         self.scale_lr = scale_lr
         self.label_smoothing = label_smoothing

@@ -93,12 +93,22 @@ def checkpoint_callbacks(cfg: Config, ckpt_dir: Path) -> tuple[ModelCheckpoint, 
     return best, last
 
 
+# DDP strategies and their variant that expects parameters without gradients (Lightning's registered names).
+FIND_UNUSED = {
+    "ddp": "ddp_find_unused_parameters_true",
+    "ddp_spawn": "ddp_spawn_find_unused_parameters_true",
+    "auto": "ddp_find_unused_parameters_true",  # auto with several processes is DDP
+}
+
+
 def resolve_strategy(cfg: Config) -> str:
-    """trainer.strategy, with DDP told to expect unused parameters while `model.freeze_epochs` freezes the backbone:
-    the freeze happens after DDP wrapped the model, and plain DDP then fails on the first backward (frozen
-    parameters get no gradient). Still DDP, same results; only its gradient bookkeeping differs."""
-    if cfg.trainer.strategy == "ddp" and cfg.model.freeze_epochs:
-        return "ddp_find_unused_parameters_true"
+    """trainer.strategy; with several processes and `model.freeze_epochs`, its DDP told to expect unused parameters:
+    FreezeBackbone freezes after DDP wrapped the model (so that DDP synchronises the backbone once unfrozen), and
+    plain DDP fails on the first backward of a frozen parameter. Still DDP, the same updates: only its gradient
+    bookkeeping differs. Printed, and tagged on the run (cnnpipe.strategy), when it differs from the config."""
+    processes = cfg.trainer.devices * cfg.trainer.num_nodes
+    if cfg.model.freeze_epochs and processes > 1 and cfg.trainer.strategy in FIND_UNUSED:
+        return FIND_UNUSED[cfg.trainer.strategy]
     return cfg.trainer.strategy
 
 
