@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+NORMALIZE_PREFIX = "normalize."  # the families' attribute for their Normalize layer, in state-dict keys
+
 
 class Normalize(nn.Module):
     """The network's first layer: a centre crop to its input `size` when given a larger image, then per-channel

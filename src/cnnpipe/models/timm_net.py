@@ -32,7 +32,7 @@ from torch import nn
 from cnnpipe.config import ModelConfig
 from cnnpipe.data.preprocess import pretrained_config
 from cnnpipe.errors import ConfigError
-from cnnpipe.models.layers import Normalize
+from cnnpipe.models.layers import NORMALIZE_PREFIX, Normalize
 from cnnpipe.models.registry import register_model
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in a hub repo or a folder saved by timm, in this order
@@ -65,8 +65,8 @@ def _missing(arch: str, why: str) -> ConfigError:
 
 
 def locate_weights(cfg: ModelConfig) -> WeightsSource:
-    """Where `cfg`'s pretrained weights are, without reading them (the stages call it through `weights_origin`
-    before they write anything, so that missing weights stop a run at once)."""
+    """Where `cfg`'s pretrained weights are, without reading them (`build_timm` reads them; the stages try them
+    through `training.fit.check_pretrained_weights` before they write anything)."""
     arch = str(cfg.arch)
     if cfg.weights:
         path = Path(cfg.weights).expanduser()
@@ -125,8 +125,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not state:  # timm would take an empty overlay for "none given" and go to the hub instead
         raise ConfigError(f"model.weights: {path} holds no tensors")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    if all(k.startswith((f"{WRAPPED}.", "normalize.")) for k in state):  # a model cnnpipe saved (TimmNet)
-        state = {k.removeprefix(f"{WRAPPED}."): v for k, v in state.items() if not k.startswith("normalize.")}
+    if all(k.startswith((f"{WRAPPED}.", NORMALIZE_PREFIX)) for k in state):  # a model cnnpipe saved (TimmNet)
+        state = {k.removeprefix(f"{WRAPPED}."): v for k, v in state.items() if not k.startswith(NORMALIZE_PREFIX)}
     return state
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-NORMALIZE_PREFIX = "normalize."
+from cnnpipe.models.layers import NORMALIZE_PREFIX
 
 
 @dataclass

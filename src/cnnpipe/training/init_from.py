@@ -12,8 +12,9 @@ from torch import nn
 from cnnpipe.config import Config
 from cnnpipe.console import info
 from cnnpipe.errors import ConfigError, DataError
+from cnnpipe.models.layers import NORMALIZE_PREFIX
 from cnnpipe.models.store import load_model
-from cnnpipe.models.transfer import NORMALIZE_PREFIX, head_parameter_names, transfer_weights
+from cnnpipe.models.transfer import head_parameter_names, transfer_weights
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
