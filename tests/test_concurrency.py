@@ -39,16 +39,17 @@ def logged_weights(client: MlflowClient, run_id: str) -> Path:
     return weights
 
 
-def val_accuracy(models_dir: Path, project: Path) -> float:
-    """Accuracy on the val split (what the run logged as val/acc) of the weights in `models_dir`."""
-    from torchmetrics.classification import MulticlassAccuracy
+def val_f1_macro(models_dir: Path, project: Path) -> float:
+    """Macro F1 on the val split (what the run logged as val/f1_macro, the default train.monitor) of the weights
+    in `models_dir`."""
+    from torchmetrics.classification import MulticlassF1Score
 
     net, spec = load_model(models_dir)
     val = load_split(project / "data/prepared/val.npz")
     with torch.no_grad():
         preds = net(torch.from_numpy(val.images).float().div_(255.0)).argmax(1)
-    acc = MulticlassAccuracy(len(spec["classes"]), average="micro", validate_args=False)
-    return float(acc(preds, torch.from_numpy(val.labels)))
+    f1 = MulticlassF1Score(len(spec["classes"]), average="macro", validate_args=False)
+    return float(f1(preds, torch.from_numpy(val.labels)))
 
 
 @dataclass
@@ -109,8 +110,9 @@ def test_two_trainings_at_once_each_log_and_publish_their_own_weights(project: P
     shas = {run_id: sha256(path) for run_id, path in logged.items()}
     assert len(set(shas.values())) == 2, f"both runs logged the same weights: {shas}"
     for run_id, run in runs.items():
-        # The weights each run logged are the ones it trained: their val accuracy is the run's best val/acc.
-        assert val_accuracy(logged[run_id].parent, project) == pytest.approx(run.data.metrics["best/val/acc"], abs=1e-5)
+        # The weights each run logged are the ones it trained: their val macro F1 is the run's best val/f1_macro.
+        best = run.data.metrics["best/val/f1_macro"]
+        assert val_f1_macro(logged[run_id].parent, project) == pytest.approx(best, abs=1e-5)
         assert run.data.tags["cnnpipe.weights_sha256"] == shas[run_id]
 
     # models/ holds one run's files: the last to finish (the stopped one), its id beside its own weights.

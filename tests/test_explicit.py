@@ -139,7 +139,7 @@ def test_the_best_epoch_and_the_best_trial_break_ties_by_val_loss(capsys: pytest
             )
         )
     assert best_trial(noisy, cfg).number == 1
-    assert "all 2 complete trials tie on val/acc = 1" in capsys.readouterr().err
+    assert "all 2 complete trials tie on val/f1_macro = 1" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

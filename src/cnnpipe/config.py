@@ -63,6 +63,8 @@ class DataConfig:
     batch_size: int
     on_device: str
     workers: int
+    dedupe: str  # none | exact | near: drop val/test images that duplicate an earlier split's (data/checks.py)
+    near_duplicate_bits: int  # perceptual hashes this many bits apart or fewer are near duplicates
 
 
 @dataclass
@@ -136,6 +138,7 @@ class TrainConfig:
     resume: str
     ema: float
     accumulate: int
+    class_balance: str  # none | loss (class-weighted cross-entropy) | sampler (class-balanced batches)
 
 
 @dataclass
@@ -481,6 +484,13 @@ def validate(cfg: Config, root: Path | None = None) -> None:
     _check(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
     _check(d.on_device in ("auto", "always", "never"), "data.on_device", "auto, always or never", d.on_device)
     _check(d.workers >= 0, "data.workers", ">= 0", d.workers)
+    _check(d.dedupe in ("none", "exact", "near"), "data.dedupe", "none, exact or near", d.dedupe)
+    _check(
+        0 <= d.near_duplicate_bits <= 32,
+        "data.near_duplicate_bits",
+        "between 0 and 32 (of a 64-bit perceptual hash)",
+        d.near_duplicate_bits,
+    )
 
     a = cfg.augment
     _check(0 <= a.copies <= 100, "augment.copies", "between 0 and 100", a.copies)
@@ -605,6 +615,9 @@ def validate(cfg: Config, root: Path | None = None) -> None:
     _check(t.early_stopping_patience >= 0, "train.early_stopping_patience", ">= 0", t.early_stopping_patience)
     _check(_finite(t.ema) and (t.ema == 0 or 0.5 <= t.ema < 1), "train.ema", "0 (off) or in [0.5, 1)", t.ema)
     _check(1 <= t.accumulate <= 1024, "train.accumulate", "between 1 and 1024", t.accumulate)
+    _check(
+        t.class_balance in ("none", "loss", "sampler"), "train.class_balance", "none, loss or sampler", t.class_balance
+    )
 
     tr = cfg.trainer
     _check(
