@@ -39,7 +39,9 @@ def keep_on_device(policy: str, device: torch.device, nbytes: int) -> bool:
 
 class InMemoryDataModule(pl.LightningDataModule):
     """Train and val splits as uint8 arrays. Held on the device: batched by indexing. Otherwise:
-    DataLoader workers read batches from the files, and they become floats on the device."""
+    DataLoader workers read batches from the files, and they become floats on the device.
+    `balance_classes` (train.class_balance=sampler): each training epoch is a class-balanced draw with
+    replacement (`IndexBatches`), on both paths; validation order is unchanged."""
 
     def __init__(
         self,
@@ -51,11 +53,12 @@ class InMemoryDataModule(pl.LightningDataModule):
         on_device: str = "auto",
         steps_per_call: int = 1,
         workers: int = 2,
+        balance_classes: bool = False,
     ) -> None:
         super().__init__()
         self.train_split, self.val_split = train, val
         self.batch_size, self.seed, self.channels_last, self.on_device = batch_size, seed, channels_last, on_device
-        self.steps_per_call, self.workers = steps_per_call, workers
+        self.steps_per_call, self.workers, self.balance_classes = steps_per_call, workers, balance_classes
         self.held_on_device: bool | None = None  # decided once per run, in setup()
 
     def _device(self) -> torch.device:
@@ -75,6 +78,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         # Several steps per iteration under DDP too: Lightning prepares DDP's reducer before every
         # manual_backward, so each step's gradients are all-reduced (tests/test_ddp.py checks the weights).
         per_call = self.steps_per_call if shuffle else 1
+        balance = torch.from_numpy(np.array(split.labels, dtype=np.int64)) if shuffle and self.balance_classes else None
         index = IndexBatches(
             len(split.labels),
             self.batch_size,
@@ -85,6 +89,7 @@ class InMemoryDataModule(pl.LightningDataModule):
             world_size=world,
             steps_per_call=per_call,
             epoch_of=(lambda: trainer.current_epoch) if trainer is not None else None,
+            balance_labels=balance,
         )
         if self.held_on_device is None:
             self.setup("fit")  # used without a Trainer

@@ -24,7 +24,7 @@ from cnnpipe.tracking.runs import close_run, connect, tracked_run
 from cnnpipe.tracking.tags import run_tags
 from cnnpipe.training.curves import history_csv, plot_curves
 from cnnpipe.training.distributed import launch_rank
-from cnnpipe.training.fit import check_pretrained_weights, fit
+from cnnpipe.training.fit import balanced_loss_weights, check_pretrained_weights, fit, log_class_balance
 from cnnpipe.training.resume import (
     Damaged,
     HistoryFile,
@@ -124,6 +124,7 @@ def run_training(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()
     # Pretrained weights found and tried on the network now, before an MLflow run or a checkpoint folder exists:
     # missing or unfitting weights are one line and nothing else. A resumed run's checkpoint holds its weights.
     origin = None if resumable else check_pretrained_weights(cfg, meta)
+    balanced_loss_weights(cfg, train, list(meta["classes"]))  # a class train.class_balance cannot balance: one line
     info(
         "train",
         f"{len(train.labels)} train / {len(val.labels)} val images, model {cfg.model.name}"
@@ -167,6 +168,15 @@ def run_training(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()
         # The same param keys as the sweep's trials (the config, nothing else): MLflow's compare view offers the
         # params whose values differ, and a key only one run has would count as one. Split sizes are in the inputs.
         run.log_params(flatten(as_dict(cfg)), only_new=bool(resumable))
+        balanced = log_class_balance(run, cfg, train, list(meta["classes"]))  # the param says which; this, with what
+        if balanced is not None:
+            info("train", f"train.class_balance=loss, class weights {balanced}")
+        elif cfg.train.class_balance == "sampler":
+            info(
+                "train",
+                f"train.class_balance=sampler: each epoch's {len(train.labels)} images are drawn with replacement, "
+                "every class equally likely",
+            )
         if not resumable:
             run.log_inputs(inputs, root)
         started = time.time()

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import signal
+import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from cnnpipe.atomic import write_json_atomic
 from cnnpipe.config import Config
 from cnnpipe.data.datamodule import InMemoryDataModule
 from cnnpipe.data.online_augment import online_augment
 from cnnpipe.data.preprocess import check_prepared
 from cnnpipe.data.store import Split
+from cnnpipe.errors import DataError
 from cnnpipe.models.factory import build_model, model_spec
 from cnnpipe.models.timm_net import weights_origin
 from cnnpipe.training.callbacks import EpochHistory, MetricSink
@@ -26,6 +30,13 @@ from cnnpipe.training.finetune import FreezeBackbone
 from cnnpipe.training.init_from import initialise_from
 from cnnpipe.training.module import ImageClassifier
 from cnnpipe.training.trainer import build_trainer, checkpoint_callbacks, use_channels_last
+
+if TYPE_CHECKING:
+    from cnnpipe.tracking.runs import RunLogger
+
+CLASS_WEIGHTS_TAG = "cnnpipe.class_weights"
+CLASS_WEIGHTS_FILE = "class_weights.json"
+MAX_TAG_CHARS = 8000  # MLflow's limit on a tag value (mlflow.utils.validation.MAX_TAG_VAL_LENGTH)
 
 
 @dataclass
@@ -76,6 +87,7 @@ def fit(
         accumulate=cfg.train.accumulate,
         ema=cfg.train.ema,
         seed=cfg.seed,
+        class_weights=balanced_loss_weights(cfg, train, spec["classes"]),
     )
     if use_channels_last(cfg):
         module = module.to(memory_format=torch.channels_last)
@@ -153,4 +165,49 @@ def datamodule(cfg: Config, train: Split, val: Split, steps_per_call: int | None
         on_device=cfg.data.on_device,
         steps_per_call=cfg.trainer.steps_per_call if steps_per_call is None else steps_per_call,
         workers=cfg.data.workers,
+        balance_classes=cfg.train.class_balance == "sampler",
     )
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """scikit-learn's "balanced" class weights, n_samples / (n_classes * count_c): every class's samples weigh the
+    same in total. Written out because importing sklearn.utils.class_weight takes 1.8 s; the tests check it
+    against `compute_class_weight`."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    return torch.from_numpy(len(labels) / (num_classes * counts)).float()
+
+
+def balanced_loss_weights(cfg: Config, train: Split, classes: list[str]) -> torch.Tensor | None:
+    """The class weights of the training loss (train.class_balance=loss), else None. With any balancing, a class
+    without training images is one DataError: it could neither be weighted nor drawn."""
+    if cfg.train.class_balance == "none":
+        return None
+    counts = np.bincount(np.asarray(train.labels, dtype=np.int64), minlength=len(classes))
+    missing = [name for name, count in zip(classes, counts, strict=False) if count == 0]
+    if missing:
+        where = train.source or "the train split"
+        raise DataError(
+            f"{where}: no images of class {', '.join(missing)}; train.class_balance={cfg.train.class_balance} "
+            "needs every class in the train split"
+        )
+    return class_weights(train.labels, len(classes)) if cfg.train.class_balance == "loss" else None
+
+
+def log_class_balance(run: RunLogger, cfg: Config, train: Split, classes: list[str]) -> str | None:
+    """What train.class_balance trains with, on the run (the setting itself is the param train.class_balance):
+    for `loss` the class weights, as tag `cnnpipe.class_weights` (`name:weight` pairs, 6 significant digits).
+    Past MLflow's 8000 characters for a tag (hundreds of classes) they go to the artifact class_weights.json
+    (full precision), which the tag names. Returns the tag's text (None: nothing to log)."""
+    weights = balanced_loss_weights(cfg, train, classes)
+    if weights is None:
+        return None
+    pairs = ", ".join(f"{name}:{w:.6g}" for name, w in zip(classes, weights.tolist(), strict=True))
+    if len(pairs) > MAX_TAG_CHARS:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / CLASS_WEIGHTS_FILE
+            write_json_atomic(path, dict(zip(classes, weights.tolist(), strict=True)))
+            run.log_artifact(path)
+        low, high = (f"{classes[i]}:{float(weights[i]):.6g}" for i in (int(weights.argmin()), int(weights.argmax())))
+        pairs = f"{len(classes)} classes, from {low} to {high}; all in the artifact {CLASS_WEIGHTS_FILE}"
+    run.set_tags({CLASS_WEIGHTS_TAG: pairs})
+    return pairs

@@ -1,4 +1,5 @@
-"""The LightningModule: cross-entropy, optimiser + scheduler from config, torchmetrics per split."""
+"""The LightningModule: cross-entropy (class-weighted with train.class_balance=loss), optimiser + scheduler from
+config, torchmetrics per split."""
 
 from __future__ import annotations
 
@@ -32,6 +33,32 @@ def summarise(outputs: list[Outputs]) -> tuple[torch.Tensor, torch.Tensor, torch
     return torch.cat(preds), torch.cat(targets), (torch.stack(losses).double() * weights).sum(), sum(sizes)
 
 
+def weighted_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Class-weighted cross-entropy, one formula for hard labels, label smoothing and MixUp / CutMix soft targets:
+
+        sum_i sum_c w_c t_ic (-log p_ic)  /  sum_i sum_c w_c t_ic
+
+    with t_i the sample's target distribution (one-hot, smoothed (1 - eps) one-hot + eps / K, or timm's mixed
+    targets). It is PyTorch's weighted cross-entropy over the batch as if each sample were split into hard-labelled
+    fractions t_ic of class c, so a class's share counts with its class's weight: for one-hot targets exactly
+    F.cross_entropy(logits, y, weight=w) (whose mean divides by sum_i w_{y_i}); a mixed target lam * a + (1 - lam) * b
+    weighs the class-a term lam * w_a and the class-b term (1 - lam) * w_b. Not PyTorch's own combinations, whose
+    normalisations disagree: with weight + label_smoothing it divides by sum_i w_{y_i} (leaving out the smoothed
+    mass), with probability targets by the batch size; the same batch with smoothing folded into timm's targets
+    and as hard labels (MixUp's odd last batch) would be scaled differently."""
+    weight = weight.to(logits.dtype)  # a no-op, unless trainer.precision=bf16-true cast the module's buffers
+    if not target.is_floating_point():
+        if not label_smoothing:
+            return F.cross_entropy(logits, target, weight=weight)
+        classes = logits.shape[1]
+        target = F.one_hot(target, classes).to(logits.dtype) * (1 - label_smoothing) + label_smoothing / classes
+    target = target.to(logits.dtype)
+    # An elementwise product, not `target @ weight`: autocast (bf16-mixed) would run the matmul in bfloat16.
+    return F.cross_entropy(logits, target, weight=weight, reduction="sum") / (target * weight).sum()
+
+
 class ImageClassifier(pl.LightningModule):
     """Wraps any logits-producing net; metrics are torchmetrics objects logged per epoch (DDP-correct).
 
@@ -57,6 +84,7 @@ class ImageClassifier(pl.LightningModule):
         accumulate: int = 1,
         ema: float = 0.0,
         seed: int = 0,
+        class_weights: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -79,6 +107,11 @@ class ImageClassifier(pl.LightningModule):
         self.optim_cfg = optim
         self.scale_lr = scale_lr
         self.label_smoothing = label_smoothing
+        # train.class_balance=loss: one weight per class (fit.class_weights), or None (plain cross-entropy). A buffer,
+        # so it moves to the device with the module; not persistent: derived from the train labels, not learned,
+        # and a checkpoint stays loadable whatever the setting.
+        self.class_weights: torch.Tensor | None
+        self.register_buffer("class_weights", class_weights, persistent=False)
         self.batch_size = batch_size  # None: every training batch is one step
         self.grad_clip = grad_clip
         # validate_args=False: the inputs are our own logits and labels; the checks cost ~0.1 ms per step.
@@ -97,6 +130,13 @@ class ImageClassifier(pl.LightningModule):
         return self.ema.module if self.ema is not None else self.net  # type: ignore[return-value]
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss: class-weighted with train.class_balance=loss (`weighted_cross_entropy`), and so is
+        train/loss then; val/loss never is (`validation_step`)."""
+        if self.class_weights is not None:
+            return weighted_cross_entropy(logits.float(), y, self.class_weights, self.label_smoothing)
+        return self._plain_loss(logits, y)
+
+    def _plain_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if y.is_floating_point():  # MixUp / CutMix soft targets, label smoothing already in them
             return F.cross_entropy(logits.float(), y)
         return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
@@ -185,7 +225,9 @@ class ImageClassifier(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self.evaluated_net()(x)
-        self._val.append((logits.argmax(1), y, self._loss(logits, y)))
+        # val/loss is never class-weighted: it picks checkpoints (tie-break), trials and prunes, so it must compare
+        # across train.class_balance settings; val/f1_macro is what weighs every class equally.
+        self._val.append((logits.argmax(1), y, self._plain_loss(logits, y)))
 
     def on_validation_epoch_start(self) -> None:
         self._val = []

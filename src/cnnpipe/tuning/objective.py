@@ -19,7 +19,7 @@ from cnnpipe.data.store import Split
 from cnnpipe.tracking.datasets import SplitInput, combined_digest
 from cnnpipe.tracking.runs import tracked_run
 from cnnpipe.tracking.tags import run_tags
-from cnnpipe.training.fit import fit
+from cnnpipe.training.fit import fit, log_class_balance
 from cnnpipe.training.trainer import TIEBREAK, within_tie
 from cnnpipe.tuning.space import suggest
 from cnnpipe.tuning.storage import RUN_ID_ATTR, SURPLUS_ATTR, WORKER_ATTR, is_surplus, this_worker
@@ -133,6 +133,7 @@ class TrialObjective:
         ) as run:
             trial.set_user_attr(RUN_ID_ATTR, run.run_id)
             run.log_params(flatten(as_dict(cfg)))
+            log_class_balance(run, cfg, self.train, list(self.meta["classes"]))  # a swept setting says what it used
             run.log_inputs(self.inputs, self.root)
             pruning = PruneOn(trial, cfg.sweep.prune_on)
             progress = self._progress(trial)
