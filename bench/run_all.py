@@ -32,6 +32,7 @@ BENCHMARKS = {
     "B5": "bench.b5_mlflow_logging",
     "pruning": "bench.pruning",
     "transfer": "bench.transfer",
+    "prepare_checks": "bench.prepare_checks",
     "B7": "bench.ddp_scaling",
     "B3": "bench.b3_time_to_accuracy",
     "B8": "bench.b8_noop_repro",

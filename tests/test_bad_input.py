@@ -92,7 +92,8 @@ def test_messy_folder_uses_what_it_can_and_reports_the_rest(
     assert meta["ignored_files"] == 2  # .hidden.png, notes.txt (the symlinked folder is not followed)
     assert meta["image_shape"] == [3, 16, 16]
     err = capsys.readouterr().err
-    assert err.count("warning:") == 1 and "skipped 4 unreadable image(s)" in err
+    # one warning for the skipped files; the other is prepare's class check (Alpha 7 train images to beta's 1)
+    assert err.count("warning:") == 2 and err.count("skipped 4 unreadable image(s)") == 1 and "class imbalance" in err
 
 
 def _idx(path: Path, arr: np.ndarray, magic: bytes | None = None) -> None:

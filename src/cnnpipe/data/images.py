@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,18 +55,38 @@ def square_box(width: int, height: int) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded image (uint8 (channels, size, size)) and what the file held: its size as shown (EXIF orientation
+    applied) and its Pillow mode, for prepare's summary of the source images."""
+
+    pixels: np.ndarray
+    width: int
+    height: int
+    mode: str
+
+
 def decode_image(
     path: Path, channels: int, size: int, interpolation: str = "bilinear", square: bool = True
 ) -> np.ndarray:
     """uint8 array (channels, size, size): the image's central square (`square=False`: the whole image, squashed,
     as models saved before the preprocessing record were trained), resized with `interpolation`; EXIF
     orientation applied; alpha composited over black."""
+    return decode_image_info(path, channels, size, interpolation, square).pixels
+
+
+def decode_image_info(
+    path: Path, channels: int, size: int, interpolation: str = "bilinear", square: bool = True
+) -> Decoded:
+    """`decode_image`'s pixels with the source image's size and mode (read on the way: nothing decoded twice)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
                 opened.load()
+                mode = opened.mode
                 img = ImageOps.exif_transpose(opened)
+        width, height = img.size
         if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             img = _to_8bit(img)
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -79,4 +100,5 @@ def decode_image(
     except DECODE_ERRORS as exc:
         raise ImageDecodeError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     arr = np.asarray(img, dtype=np.uint8)
-    return arr[None, :, :] if channels == 1 else arr.transpose(2, 0, 1).copy()
+    pixels = arr[None, :, :] if channels == 1 else arr.transpose(2, 0, 1).copy()
+    return Decoded(pixels, width, height, mode)

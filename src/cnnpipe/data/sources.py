@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from cnnpipe.config import DataConfig
 from cnnpipe.console import Progress
 from cnnpipe.data.idx import read_idx
-from cnnpipe.data.images import IMAGE_SUFFIXES, ImageDecodeError, decode_image, square_box
+from cnnpipe.data.images import IMAGE_SUFFIXES, ImageDecodeError, decode_image_info, square_box
 from cnnpipe.data.store import CHUNK_BYTES, rows_per_chunk
 from cnnpipe.errors import DataError
 
@@ -28,6 +28,12 @@ class RawData:
     classes: list[str]
     skipped: list[dict[str, str]] = field(default_factory=list)  # unreadable files: {"file", "reason"}
     ignored: int = 0  # hidden and non-image files
+    # What each image was before it was fitted to the stored size (prepare's checks summarise them and name
+    # duplicates by file): the file relative to data.path (None for sources without files), the source's
+    # width and height (int (N, 2)) and Pillow mode. None where a caller built RawData without them.
+    files: list[str] | None = None
+    sizes: np.ndarray | None = None
+    modes: list[str] | None = None
 
     @property
     def digest(self) -> str:
@@ -73,6 +79,13 @@ class Fit:
     interpolation: str = "bilinear"
 
 
+def native(images: np.ndarray, mode: str = "L") -> tuple[np.ndarray, list[str]]:
+    """Sizes and modes of a bundled source's images, all alike: its native (width, height) and `mode`."""
+    sizes = np.empty((len(images), 2), dtype=np.int64)
+    sizes[:] = (images.shape[-1], images.shape[-2])
+    return sizes, [mode] * len(images)
+
+
 def default_fit(cfg: DataConfig) -> Fit:
     if cfg.image_size is None:
         raise DataError("data.image_size is null: the source needs a size (prepare resolves it from the model)")
@@ -85,10 +98,13 @@ def load_digits_source(cfg: DataConfig, fit: Fit | None = None) -> RawData:
 
     bunch = load_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    sizes, modes = native(images)
     return RawData(
         fit_images(images, cfg.channels, fit.size, fit.interpolation),
         bunch.target.astype(np.int64),
         [str(c) for c in range(10)],
+        sizes=sizes,
+        modes=modes,
     )
 
 
@@ -98,8 +114,13 @@ def load_mnist5k_source(cfg: DataConfig, fit: Fit | None = None) -> RawData:
 
     x, y = mnist_data()
     images = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
+    sizes, modes = native(images)
     return RawData(
-        fit_images(images, cfg.channels, fit.size, fit.interpolation), y.astype(np.int64), [str(c) for c in range(10)]
+        fit_images(images, cfg.channels, fit.size, fit.interpolation),
+        y.astype(np.int64),
+        [str(c) for c in range(10)],
+        sizes=sizes,
+        modes=modes,
     )
 
 
@@ -127,8 +148,10 @@ def load_mnist_idx_source(cfg: DataConfig, fit: Fit | None = None) -> RawData:
         parts_y.append(y.astype(np.int64))
     labels = np.concatenate(parts_y)
     classes = [str(c) for c in range(int(labels.max()) + 1)]
-    images = fit_images(np.concatenate(parts_x), cfg.channels, fit.size, fit.interpolation)
-    return RawData(images, labels, classes)
+    pooled = np.concatenate(parts_x)
+    sizes, modes = native(pooled)
+    images = fit_images(pooled, cfg.channels, fit.size, fit.interpolation)
+    return RawData(images, labels, classes, sizes=sizes, modes=modes)
 
 
 def _class_files(class_dir: Path) -> tuple[list[Path], int]:
@@ -156,8 +179,11 @@ def load_imagefolder_source(cfg: DataConfig, fit: Fit | None = None, stage: str 
     progress = Progress(stage, "decoded", total)
     # Decoded straight into one array (not a list stacked at the end): the pixels are held once.
     images = np.empty((total, cfg.channels, fit.size, fit.size), dtype=np.uint8)
+    sizes = np.empty((total, 2), dtype=np.int64)
     labels: list[int] = []
     classes: list[str] = []
+    names: list[str] = []  # of the kept files, relative to the root
+    modes: list[str] = []
     skipped: list[dict[str, str]] = []
     ignored = done = kept = 0
     for name, (files, n_ignored) in listing.items():
@@ -165,10 +191,15 @@ def load_imagefolder_source(cfg: DataConfig, fit: Fit | None = None, stage: str 
         first = kept
         for path in files:
             try:
-                images[kept] = decode_image(path, cfg.channels, fit.size, fit.interpolation)
-                kept += 1
+                decoded = decode_image_info(path, cfg.channels, fit.size, fit.interpolation)
             except ImageDecodeError as exc:
                 skipped.append({"file": str(path.relative_to(root)), "reason": str(exc)})
+            else:
+                images[kept] = decoded.pixels
+                sizes[kept] = (decoded.width, decoded.height)
+                names.append(str(path.relative_to(root)))
+                modes.append(decoded.mode)
+                kept += 1
             done += 1
             progress.update(done)
         if kept > first:
@@ -183,7 +214,9 @@ def load_imagefolder_source(cfg: DataConfig, fit: Fit | None = None, stage: str 
             raise DataError(
                 f"{root / name}: {n} usable image(s), too few to split into train/val/test (need {MIN_PER_CLASS})"
             )
-    return RawData(images[:kept], np.asarray(labels, dtype=np.int64), classes, skipped, ignored)
+    return RawData(
+        images[:kept], np.asarray(labels, dtype=np.int64), classes, skipped, ignored, names, sizes[:kept], modes
+    )
 
 
 LOADERS = {
