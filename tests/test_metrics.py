@@ -94,3 +94,23 @@ def test_predict_logits_batches_and_scales() -> None:
     with torch.no_grad():
         assert torch.allclose(out, net(images.float() / 255.0), atol=1e-6)
     assert predict_logits(net, images[:0]).numel() == 0
+
+
+@pytest.mark.parametrize(
+    ("classes", "top_k"), [(2, []), (6, []), (7, [3]), (10, [3]), (11, [3, 5])], ids=lambda v: str(v)
+)
+def test_top_k_accuracy_by_hand_only_where_the_class_count_makes_it_informative(classes: int, top_k: list[int]) -> None:
+    """top-k for k < C / 2: with 6 classes the top 3 hold half of them, an easy score that says little."""
+    gen = torch.Generator().manual_seed(classes)
+    labels = torch.randint(0, classes, (200,), generator=gen)
+    logits = torch.randn(200, classes, generator=gen)
+    logits[torch.arange(200), labels] += 1.0  # better than chance, short of perfect
+    m = classification_metrics(logits, labels)
+    assert list(m.summary) == ["acc", "f1_macro", "precision_macro", "recall_macro", "ece", "loss"] + [
+        f"top{k}_acc" for k in top_k
+    ]
+    order = (-logits.numpy()).argsort(axis=1)
+    for k in top_k:
+        hand = sum(int(y) in row[:k] for y, row in zip(labels.tolist(), order, strict=True)) / 200
+        assert m.summary[f"top{k}_acc"] == pytest.approx(hand, abs=1e-6)
+        assert m.summary["acc"] < m.summary[f"top{k}_acc"] < 1.0

@@ -50,10 +50,17 @@ def test_repro_writes_every_output(repro_project: Path) -> None:
         "eval/per_class.csv",
         "eval/report.md",
         "eval/report.html",
+        "eval/errors.png",
+        "eval/errors.csv",
+        "eval/confused.png",
+        "eval/calibration.png",
+        "eval/calibration.json",
     ):
         assert (repro_project / rel).is_file(), rel
+    assert [p.name for p in (repro_project / "eval/cam").iterdir()] in (["cam.png"], ["not_applicable.txt"])
     metrics = json.loads((repro_project / "eval/metrics.json").read_text())["test"]
-    assert set(metrics) == {"acc", "f1_macro", "precision_macro", "recall_macro", "ece", "loss"}
+    # top-3 accuracy for 10 digits (top-5 only from 11 classes: k < C / 2)
+    assert set(metrics) == {"acc", "f1_macro", "precision_macro", "recall_macro", "ece", "loss", "top3_acc"}
     assert metrics["acc"] > 0.8  # 2-3 epochs on digits; the full default run reaches >= 0.99
     history = (repro_project / "models/history.csv").read_text().splitlines()
     epochs = best_params(repro_project)["params"]["train.epochs"]
@@ -92,9 +99,11 @@ def test_mlflow_run_has_params_metrics_tags_and_model(repro_project: Path) -> No
     assert len(tags["cnnpipe.data_digest"]) == 64
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"curves.png", "history.csv", "config.yaml", "eval"} <= artifacts
-    assert {"eval/report.md", "eval/report.html", "eval/confusion.png"} <= {
+    assert {"eval/report.md", "eval/report.html", "eval/confusion.png", "eval/errors.png", "eval/cam"} <= {
         a.path for a in client.list_artifacts(run_id, "eval")
     }
+    images = {a.path.split("+")[0] for a in client.list_artifacts(run_id, "images")}  # keyed: `images/<key>+step+...`
+    assert {"images/eval~errors", "images/eval~confused", "images/eval~calibration"} <= images
     report = (repro_project / "eval/report.md").read_text()
     assert f"| accuracy | {evaluated['acc']:.4f} |" in report and "![confusion matrix](confusion.png)" in report
     models = client.search_logged_models(experiment_ids=[exp.experiment_id])

@@ -28,8 +28,16 @@ HISTORY = """epoch,train/loss,train/acc,val/loss,val/acc,val/f1_macro,lr
 2,0.301215,0.901004,0.120551,0.961438,0.960917,0.000874
 """
 CONFUSION = [{"actual": a, "predicted": p} for a, p in [("0", "0"), ("0", "1"), ("1", "1"), ("2", "2"), ("2", "1")]]
-# The mark each Vega plot must draw (SVG renderer): DVC's `linear` and `confusion` templates.
-EXPECTED_MARKS = {"training_curves": "mark-line", "eval_confusion_json": "mark-rect"}
+CALIBRATION = [
+    {"bin": 13, "confidence": 0.9, "accuracy": 0.75, "count": 4},
+    {"bin": 14, "confidence": 0.99, "accuracy": 1.0, "count": 40},
+]
+# The mark each Vega plot must draw (SVG renderer): DVC's `linear`, `confusion` and `scatter` templates.
+EXPECTED_MARKS = {
+    "training_curves": "mark-line",
+    "eval_confusion_json": "mark-rect",
+    "eval_calibration_json": "mark-symbol",
+}
 
 
 def plots_repo(folder: Path) -> Path:
@@ -46,10 +54,14 @@ def plots_repo(folder: Path) -> Path:
     (folder / "params.yaml").write_text(yaml.safe_dump({"paths": params["paths"]}))  # for ${paths.*}
     paths = params["paths"]
     pixels = np.full((8, 8, 3), 200, dtype=np.uint8)
-    for key, name in (("eval", "confusion.png"), ("models", "curves.png"), ("sweep", "history.png")):  # image plots
-        write_png(folder / paths[key] / name, pixels)
+    for entry in real["plots"]:  # every image plot dvc.yaml names, written under its ${paths.*} folder
+        if isinstance(entry, str) and entry.endswith(".png"):
+            found = re.fullmatch(r"\$\{paths\.(\w+)\}/(.+)", entry)
+            assert found, entry
+            write_png(folder / paths[found[1]] / found[2], pixels)
     (folder / paths["models"] / "history.csv").write_text(HISTORY)
     (folder / paths["eval"] / "confusion.json").write_text(json.dumps(CONFUSION, indent=2))
+    (folder / paths["eval"] / "calibration.json").write_text(json.dumps(CALIBRATION, indent=2))
     subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
     dvc("init", "-q", cwd=folder)
     return folder

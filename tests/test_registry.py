@@ -45,19 +45,21 @@ def test_champion_moves_only_when_the_new_models_metric_beats_it(project: Path) 
     out = stage(project, "evaluate", reg, "paths.eval=eval_a")
     assert f"registered {name} version 1 as candidate and champion: there was no champion" in out
 
-    # A second, different model (1 epoch), evaluated: candidate always, champion only if test/acc is higher.
+    # A second, different model (1 epoch), evaluated: candidate always, champion only if its test metric
+    # (tracking.champion_metric, macro F1 by default) is higher.
     stage(project, "train", "train.hparams=params", "train.epochs=1", "paths.models=models_b", "paths.checkpoints=ck_b")
     out = stage(project, "evaluate", reg, "paths.models=models_b", "paths.eval=eval_b")
-    acc_a, acc_b = eval_metrics(project, "eval_a")["acc"], eval_metrics(project, "eval_b")["acc"]
+    acc_a, acc_b = eval_metrics(project, "eval_a")["f1_macro"], eval_metrics(project, "eval_b")["f1_macro"]
     v1, v2 = client.get_model_version(name, "1"), client.get_model_version(name, "2")
-    assert float(v1.tags["test/acc"]) == pytest.approx(acc_a) and float(v2.tags["test/acc"]) == pytest.approx(acc_b)
+    assert float(v1.tags["test/f1_macro"]) == pytest.approx(acc_a)
+    assert float(v2.tags["test/f1_macro"]) == pytest.approx(acc_b)
     aliases = {alias: str(v) for alias, v in client.get_registered_model(name).aliases.items()}
     assert aliases["candidate"] == "2"
     assert aliases["champion"] == ("2" if acc_b > acc_a else "1")
     verb = "beats" if acc_b > acc_a else "does not beat"
-    assert f"test/acc {acc_b:.4f} {verb} champion v1's {acc_a:.4f}" in out
+    assert f"test/f1_macro {acc_b:.4f} {verb} champion v1's {acc_a:.4f}" in out
 
-    # The same run evaluated again, now ranking by lower accuracy: the version is updated, not duplicated, and
+    # The same run evaluated again, now ranking by the lower score: the version is updated, not duplicated, and
     # champion ends on v2 either way (it already was, or its accuracy is the lower one), unless it is a tie.
     stage(project, "evaluate", reg, "paths.models=models_b", "paths.eval=eval_b", "tracking.champion_mode=min")
     assert len(client.search_model_versions(f"name = '{name}'")) == 2

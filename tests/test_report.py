@@ -1,4 +1,5 @@
-"""The evaluation report (issue #17): eval/report.html, self-contained, for MLflow's artifact viewer.
+"""The evaluation report (issues #17, #13): eval/report.html, self-contained, for MLflow's artifact viewer, with
+every picture of eval/ embedded; eval/report.md linking the same pictures.
 
 MLflow 3.17 renders report.md but shows its relative image as link text (and strips `data:` images from
 markdown); it shows .html in an iframe (a Blob URL, sandbox="allow-scripts") where a `data:` image displays.
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cnnpipe.data.store import Split, save_split
 from cnnpipe.evaluation.report import SUMMARY_NAMES, html_text
@@ -26,6 +28,8 @@ from tests.helpers import CHROMIUM_FLAGS, ROOT, tiny_model
 
 HOSTILE = '<b>&"x'
 CLASSES = ("cat", HOSTILE, "café", "a|b")
+# The pictures the report shows, in its order: the network of tiny_model has feature maps, so CAMs are drawn.
+PICTURES = ("confusion.png", "errors.png", "confused.png", "calibration.png", "cam/cam.png")
 
 
 class Cells(HTMLParser):
@@ -75,10 +79,11 @@ def test_html_report_has_the_metrics_every_class_escaped_and_the_picture_inside(
     page = Cells()
     page.feed(text)
     metrics = json.loads((evaluated / "metrics.json").read_text())["test"]
+    n = len(metrics)
     assert page.rows[0] == ["metric", "value"]
-    assert page.rows[1:7] == [[SUMMARY_NAMES[k], f"{v:.4f}"] for k, v in metrics.items()]
-    assert page.rows[7] == ["class", "precision", "recall", "F1", "support"]
-    assert [r[0] for r in page.rows[8:]] == list(CLASSES)  # the true names, one row each
+    assert page.rows[1 : n + 1] == [[SUMMARY_NAMES[k], f"{v:.4f}"] for k, v in metrics.items()]
+    assert page.rows[n + 1] == ["class", "precision", "recall", "F1", "support"]
+    assert [r[0] for r in page.rows[n + 2 :]] == list(CLASSES)  # the true names, one row each
     assert (
         HOSTILE not in text
         and html_text(HOSTILE) == "&lt;b&gt;&amp;&quot;x"
@@ -86,13 +91,14 @@ def test_html_report_has_the_metrics_every_class_escaped_and_the_picture_inside(
     )
     assert '<meta charset="utf-8">' in text  # MLflow shows it from a Blob with no charset: café must stay café
 
-    # The picture is the confusion.png the stage wrote, embedded: the page names no other file.
-    [(tag, attr, src)] = page.refs
-    assert (tag, attr) == ("img", "src") and src.startswith("data:image/png;base64,")
-    assert (
-        base64.b64decode(src.removeprefix("data:image/png;base64,"), validate=True)
-        == (evaluated / "confusion.png").read_bytes()
-    )
+    # The pictures are the PNGs the stage wrote, each embedded, in the report's order: the page names no other file.
+    assert len(page.refs) == len(PICTURES)
+    for (tag, attr, src), name in zip(page.refs, PICTURES, strict=True):
+        assert (tag, attr) == ("img", "src") and src.startswith("data:image/png;base64,")
+        assert (
+            base64.b64decode(src.removeprefix("data:image/png;base64,"), validate=True)
+            == (evaluated / name).read_bytes()
+        ), name
     assert not re.search(r"url\(|@import|<link|<script|<iframe|<object", text, re.I)
 
 
@@ -104,7 +110,28 @@ def test_markdown_and_html_say_the_same(evaluated: Path) -> None:
     page = Cells()
     page.feed((evaluated / "report.html").read_text(encoding="utf-8"))
     assert md_numbers == [row[1:] for row in page.rows]
-    assert "![confusion matrix](confusion.png)" in md  # report.md keeps its link for git hosts and editors
+    assert "![confusion matrix](confusion.png)" in md  # report.md keeps its links for git hosts and editors
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert links == list(PICTURES) and all((evaluated / link).is_file() for link in links)
+
+
+def test_a_method_that_does_not_apply_is_a_sentence_not_a_broken_link() -> None:
+    """No class-activation maps (a ViT, say): report.md says why in their section and links no cam.png; report.html
+    embeds the other pictures only."""
+    from cnnpipe.evaluation.metrics import classification_metrics
+    from cnnpipe.evaluation.report import render_html, render_markdown, report_content
+
+    labels = torch.tensor([0, 1, 1])
+    m = classification_metrics(torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), labels)
+    reason = "class-activation maps need a convolutional feature map: vit_tiny's last features are tokens `x`"
+    report = report_content(m, ["a", "b"], 3, None, "vit", cam_reason=reason)
+    md = render_markdown(report)
+    assert "cam.png" not in md and "Not drawn: class\\-activation maps need a convolutional feature map" in md
+    assert "\\`x\\`" in md  # the reason is data, escaped: its backticks show as themselves
+    page = Cells()
+    page.feed(render_html(report, {p.file: p.file.encode() for p in report.pictures if p.file}))
+    assert len(page.refs) == len(PICTURES) - 1
+    assert html_text(reason) in render_html(report, {p.file: b"" for p in report.pictures if p.file})
 
 
 # MLflow's ShowArtifactHtmlView: the artifact's text as a Blob (type text/html, no charset) in an iframe with
@@ -119,7 +146,8 @@ document.body.appendChild(frame);
 </script></body></html>"""
 PROBE = """<script>addEventListener("load", () => parent.postMessage({
   images: [...document.images].map(i => [i.complete, i.naturalWidth, i.naturalHeight]),
-  classes: [...document.querySelectorAll("tr")].slice(8).map(r => r.cells[0].textContent)}, "*"));</script>"""
+  classes: [...document.querySelectorAll("tr")].slice(FIRST_CLASS_ROW).map(r => r.cells[0].textContent)}, "*"));
+</script>"""
 
 
 def test_chromium_shows_the_embedded_picture_as_mlflow_frames_it(
@@ -127,7 +155,9 @@ def test_chromium_shows_the_embedded_picture_as_mlflow_frames_it(
 ) -> None:
     from PIL import Image
 
-    report = (evaluated / "report.html").read_text(encoding="utf-8").replace("</body>", PROBE + "</body>")
+    first_class_row = len(json.loads((evaluated / "metrics.json").read_text())["test"]) + 2  # after both headers
+    probe = PROBE.replace("FIRST_CLASS_ROW", str(first_class_row))
+    report = (evaluated / "report.html").read_text(encoding="utf-8").replace("</body>", probe + "</body>")
     harness = tmp_path / "harness.html"
     harness.write_text(HARNESS.replace("REPORT", json.dumps(report).replace("</", "<\\/")), encoding="utf-8")
     out, found = b"", None
@@ -150,6 +180,9 @@ def test_chromium_shows_the_embedded_picture_as_mlflow_frames_it(
             break
     assert found and found.group(1) != "waiting", out[-2000:]
     seen = json.loads(html.unescape(found.group(1)))
-    with Image.open(evaluated / "confusion.png") as png:
-        assert seen["images"] == [[True, png.width, png.height]]
+    sizes = []
+    for name in PICTURES:
+        with Image.open(evaluated / name) as png:
+            sizes.append([True, png.width, png.height])
+    assert seen["images"] == sizes
     assert seen["classes"] == list(CLASSES)

@@ -50,7 +50,7 @@ def journal_study(project: Path, name: str) -> optuna.Study:
 @pytest.mark.slow
 def test_sweep_writes_outputs_and_nested_mlflow_runs(project: Path) -> None:
     proc = run_sweep(project, *isolated(project, "basic"), "sweep.n_trials=3")
-    assert "trial 3 of 3" in proc.stderr and "best val/acc" in proc.stderr
+    assert "trial 3 of 3" in proc.stderr and "best val/f1_macro" in proc.stderr
     out = project / "sweep-basic"
     best = yaml.safe_load((out / "best_params.yaml").read_text())
     assert set(best["params"]) == {"optim.lr", "data.batch_size", "train.epochs"}

@@ -158,7 +158,7 @@ def test_make_ui_prints_the_saved_runs_view_of_a_model_development_experiment(
     columns = json.loads(view["state"])["selectedColumns"]
     space = yaml.safe_load((project / "params.yaml").read_text())["sweep"]["space"]
     assert {f"params.`{s['key']}`" for s in space.values()} <= set(columns)
-    assert {"metrics.`test/acc`", "metrics.`val/acc`", "attributes.`Dataset`"} <= set(columns)
+    assert {"metrics.`test/f1_macro`", "metrics.`val/f1_macro`", "attributes.`Dataset`"} <= set(columns)
 
     # Names tell runs apart; every train and trial run lists the splits it read as dataset inputs.
     for run in by_stage(found, "train") + by_stage(found, "sweep"):
@@ -210,7 +210,7 @@ def test_the_printed_address_shows_runs_trials_a_comparison_and_the_aliases(
     page.get_by_text(train["info"]["run_name"]).first.wait_for()
     assert page.get_by_text("Detect Issues").count() == 0  # GenAI's overview page would show it
     headers = [h.get_attribute("col-id") for h in page.locator(".ag-header-cell[col-id]").all()]
-    assert "attributes.`Dataset`" in headers and "metrics.`test/acc`" in headers, headers
+    assert "attributes.`Dataset`" in headers and "metrics.`test/acc`" in headers, " | ".join(map(str, headers))
     assert page.get_by_text(re.compile(r"^digits-train \(")).count() >= 1
     shot(page, "1-runs")
 

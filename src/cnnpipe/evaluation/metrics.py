@@ -19,16 +19,26 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
+TOP_K = (3, 5)  # top-k accuracies reported when the class count makes them informative (see `top_k_values`)
+CALIBRATION_BINS = 15  # equal-width bins of the top-1 probability, for the ECE and the reliability diagram
+
+
+def top_k_values(num_classes: int) -> list[int]:
+    """The k of TOP_K worth reporting for `num_classes` classes: k < C / 2, so that being in the top k is not
+    nearly guaranteed (10 digits: top-3 only; 2 classes: none)."""
+    return [k for k in TOP_K if num_classes > 2 * k]
+
 
 @dataclass
 class TestMetrics:
-    summary: dict[str, float]  # acc, f1_macro, precision_macro, recall_macro, ece, loss
+    summary: dict[str, float]  # acc, f1_macro, precision_macro, recall_macro, ece, loss, then top3_acc, top5_acc
     per_class: dict[str, list[float]]  # precision, recall, f1, support — one value per class
     confusion: torch.Tensor  # (C, C): rows actual, columns predicted
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> TestMetrics:
-    """Micro accuracy, macro precision/recall/F1, per-class scores, confusion, 15-bin ECE, loss."""
+    """Micro accuracy, macro precision/recall/F1, per-class scores, confusion, 15-bin ECE, loss, and the top-k
+    accuracies that `top_k_values` finds meaningful for the class count."""
     c = logits.shape[1]
     probs = logits.float().softmax(dim=1)
     summary = {
@@ -36,9 +46,11 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> TestMe
         "f1_macro": multiclass_f1_score(probs, labels, c, average="macro"),
         "precision_macro": multiclass_precision(probs, labels, c, average="macro"),
         "recall_macro": multiclass_recall(probs, labels, c, average="macro"),
-        "ece": multiclass_calibration_error(probs, labels, c, n_bins=15, norm="l1"),
+        "ece": multiclass_calibration_error(probs, labels, c, n_bins=CALIBRATION_BINS, norm="l1"),
         "loss": F.cross_entropy(logits.float(), labels),
     }
+    for k in top_k_values(c):
+        summary[f"top{k}_acc"] = multiclass_accuracy(probs, labels, c, top_k=k, average="micro")
     per_class = {
         "precision": multiclass_precision(probs, labels, c, average=None),
         "recall": multiclass_recall(probs, labels, c, average=None),

@@ -1,10 +1,10 @@
 """The human-readable evaluation report: a short table on the terminal, eval/report.md and eval/report.html.
 
 The report's content is built once (`report_content`) and rendered twice. report.md is for the terminal, git and
-editors (its relative image link works there); report.html is for MLflow's artifact viewer, which renders
+editors (its relative image links work there); report.html is for MLflow's artifact viewer, which renders
 markdown but shows a relative image as its link text and strips `data:` images from markdown, while it shows
-HTML in a sandboxed iframe where an image embedded as a `data:` URI displays. So report.html carries the
-confusion picture inside itself and needs no other file.
+HTML in a sandboxed iframe where an image embedded as a `data:` URI displays. So report.html carries every
+picture inside itself and needs no other file.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from __future__ import annotations
 import base64
 import html
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from cnnpipe.evaluation.metrics import TestMetrics
+from cnnpipe.evaluation.metrics import CALIBRATION_BINS, TOP_K, TestMetrics
 
 SUMMARY_NAMES = {
     "acc": "accuracy",
@@ -24,13 +24,47 @@ SUMMARY_NAMES = {
     "recall_macro": "macro recall",
     "ece": "calibration error (ECE)",
     "loss": "cross-entropy",
+    **{f"top{k}_acc": f"top-{k} accuracy" for k in TOP_K},
 }
 
 TITLE = "Evaluation report"
 PER_CLASS = "Per class"
-CONFUSION = "Confusion matrix"
-CONFUSION_NOTE = "Rows: actual class; columns: predicted."
-CONFUSION_ALT = "confusion matrix"
+CAM_FILE = "cam/cam.png"
+
+
+@dataclass(frozen=True)
+class Picture:
+    """One picture section: a heading, a sentence on how to read it, and the PNG beside report.md (`file`,
+    relative to it) or, when there is none, `file` None and the note saying why. `detail`: text from outside
+    (a reason naming layers and architectures) after the note, escaped by each renderer like a class name."""
+
+    title: str
+    note: str
+    file: str | None
+    alt: str
+    detail: str = ""
+
+
+CONFUSION = Picture("Confusion matrix", "Rows: actual class; columns: predicted.", "confusion.png", "confusion matrix")
+ERRORS = Picture(
+    "Highest-loss test images",
+    "The test images the model got most wrong, highest cross-entropy first: confident mistakes lead. Red titles "
+    "are wrong predictions; p is the probability of the predicted class. errors.csv lists them by test index.",
+    "errors.png",
+    "error gallery",
+)
+CONFUSED = Picture(
+    "Most-confused pairs",
+    "The most frequent mistakes, actual → predicted, with examples of each, highest loss first.",
+    "confused.png",
+    "most-confused class pairs",
+)
+CAM = Picture(
+    "Where the model looked",
+    "Class-activation maps for the predicted class over a fixed sample of test images.",
+    CAM_FILE,
+    "class-activation maps",
+)
 SUMMARY_HEADER = ("metric", "value")
 PER_CLASS_HEADER = ("class", "precision", "recall", "F1", "support")
 
@@ -74,11 +108,23 @@ class ReportContent:
     run_id: str | None
     summary: list[tuple[str, str]]  # (metric name, value)
     per_class: list[tuple[str, str, str, str, str]]  # (class, precision, recall, F1, support)
+    pictures: list[Picture]
 
 
-def report_content(m: TestMetrics, classes: list[str], n_test: int, run_id: str | None, model: str) -> ReportContent:
-    """The one place the report's content is decided (what rows, how numbers are written)."""
+def report_content(
+    m: TestMetrics, classes: list[str], n_test: int, run_id: str | None, model: str, cam_reason: str | None = None
+) -> ReportContent:
+    """The one place the report's content is decided (what rows, what pictures, how numbers are written).
+    `cam_reason`: why no class-activation maps were drawn (None: cam/cam.png exists)."""
     pc = m.per_class
+    calibration = Picture(
+        "Calibration",
+        f"Accuracy against confidence (the top-1 probability) in {CALIBRATION_BINS} equal-width bins, the bins' "
+        f"image counts below; the dashed diagonal is perfect calibration. ECE {m.summary['ece']:.4f}.",
+        "calibration.png",
+        "reliability diagram",
+    )
+    cam = CAM if cam_reason is None else Picture(CAM.title, "Not drawn:", None, CAM.alt, cam_reason)
     return ReportContent(
         model=model,
         n_test=n_test,
@@ -94,11 +140,12 @@ def report_content(m: TestMetrics, classes: list[str], n_test: int, run_id: str 
             )
             for i, name in enumerate(classes)
         ],
+        pictures=[CONFUSION, ERRORS, CONFUSED, calibration, cam],
     )
 
 
 def render_markdown(r: ReportContent) -> str:
-    """report.md: the picture is the file beside it (confusion.png), as git hosts and editors show it."""
+    """report.md: each picture is the file beside it (confusion.png, ...), as git hosts and editors show it."""
 
     def row(cells: tuple[str, ...]) -> str:
         return "| " + " | ".join(cells) + " |"
@@ -119,13 +166,10 @@ def render_markdown(r: ReportContent) -> str:
         "|---|---|---|---|---|",
         *(row((md_text(name), *values)) for name, *values in r.per_class),
         "",
-        f"## {CONFUSION}",
-        "",
-        CONFUSION_NOTE,
-        "",
-        f"![{CONFUSION_ALT}](confusion.png)",
-        "",
     ]
+    for p in r.pictures:
+        note = f"{p.note} {md_text(p.detail)}" if p.detail else p.note
+        lines += [f"## {p.title}", "", note, ""] + ([f"![{p.alt}]({p.file})", ""] if p.file else [])
     return "\n".join(lines)
 
 
@@ -138,9 +182,10 @@ _STYLE = (
 )
 
 
-def render_html(r: ReportContent, confusion_png: bytes) -> str:
-    """report.html: one self-contained page, the picture embedded as a `data:` URI (no other file to fetch),
-    UTF-8 declared (MLflow shows it from a Blob without a charset, so non-ASCII class names need the meta)."""
+def render_html(r: ReportContent, png: Mapping[str, bytes]) -> str:
+    """report.html: one self-contained page, each picture embedded as a `data:` URI (no other file to fetch),
+    UTF-8 declared (MLflow shows it from a Blob without a charset, so non-ASCII class names need the meta).
+    `png`: the bytes of each picture the content names, by its `file`."""
 
     def table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
         """First column a name, the others numbers (right-aligned)."""
@@ -153,8 +198,15 @@ def render_html(r: ReportContent, confusion_png: bytes) -> str:
         )
         return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
 
+    def picture(p: Picture) -> list[str]:
+        note = f"{p.note} {p.detail}" if p.detail else p.note
+        lines = [f"<h2>{html_text(p.title)}</h2>", f"<p>{html_text(note)}</p>"]
+        if p.file:
+            data = base64.b64encode(png[p.file]).decode("ascii")
+            lines.append(f'<img src="data:image/png;base64,{data}" alt="{html_text(p.alt)}">')
+        return lines
+
     run = f", MLflow run <code>{html_text(r.run_id)}</code>." if r.run_id else "."
-    picture = base64.b64encode(confusion_png).decode("ascii")
     return "\n".join(
         [
             "<!DOCTYPE html>",
@@ -170,9 +222,7 @@ def render_html(r: ReportContent, confusion_png: bytes) -> str:
             table(SUMMARY_HEADER, r.summary),
             f"<h2>{html_text(PER_CLASS)}</h2>",
             table(PER_CLASS_HEADER, r.per_class),
-            f"<h2>{html_text(CONFUSION)}</h2>",
-            f"<p>{html_text(CONFUSION_NOTE)}</p>",
-            f'<img src="data:image/png;base64,{picture}" alt="{html_text(CONFUSION_ALT)}">',
+            *(line for p in r.pictures for line in picture(p)),
             "</body>",
             "</html>",
             "",
@@ -180,11 +230,19 @@ def render_html(r: ReportContent, confusion_png: bytes) -> str:
     )
 
 
-def report_markdown(m: TestMetrics, classes: list[str], n_test: int, run_id: str | None, model: str) -> str:
-    return render_markdown(report_content(m, classes, n_test, run_id, model))
+def report_markdown(
+    m: TestMetrics, classes: list[str], n_test: int, run_id: str | None, model: str, cam_reason: str | None = None
+) -> str:
+    return render_markdown(report_content(m, classes, n_test, run_id, model, cam_reason))
 
 
 def report_html(
-    m: TestMetrics, classes: list[str], n_test: int, run_id: str | None, model: str, confusion_png: bytes
+    m: TestMetrics,
+    classes: list[str],
+    n_test: int,
+    run_id: str | None,
+    model: str,
+    png: Mapping[str, bytes],
+    cam_reason: str | None = None,
 ) -> str:
-    return render_html(report_content(m, classes, n_test, run_id, model), confusion_png)
+    return render_html(report_content(m, classes, n_test, run_id, model, cam_reason), png)

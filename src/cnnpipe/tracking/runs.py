@@ -12,6 +12,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from cnnpipe.console import warn
 from cnnpipe.processes import owner_alive, owner_token
@@ -78,6 +79,13 @@ class RunLogger:
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_image(self, path: Path, key: str, step: int = 0) -> None:
+        """A PNG as one of the run's keyed images (`key`, e.g. `eval/errors`): the MLflow UI shows keyed images
+        in the run's page and side by side when runs are compared, which a plain artifact is not. Synchronous,
+        so the image is stored when the stage exits."""
+        with Image.open(path) as picture:
+            self.client.log_image(self.run_id, picture.convert("RGB"), key=key, step=step, synchronous=True)
 
     def log_inputs(self, items: list[SplitInput], root: Path, attempts: int = 3) -> None:
         """The data splits this run read, as MLflow dataset inputs (the runs table's Dataset column).

@@ -33,6 +33,7 @@ def view_columns(cfg: Config) -> list[str]:
     swept config key: what differs between runs, in the order a reader compares them."""
     metrics = [
         f"test/{cfg.tracking.champion_metric}",
+        "test/acc",
         "test/f1_macro",
         f"best/{cfg.sweep.metric}",
         cfg.train.monitor,
