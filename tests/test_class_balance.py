@@ -254,7 +254,7 @@ def test_the_train_stage_logs_the_class_weights_it_used(tmp_path: Path) -> None:
     summary = run_training(cfg, tmp_path)
     run = MlflowClient(uri).get_run(summary["run_id"])
     assert run.data.params["train.class_balance"] == "loss"
-    assert run.data.tags[CLASS_WEIGHTS_TAG] == "common:0.55, rare:5.5"  # 66 / (2 * 60), 66 / (2 * 6)
+    assert json.loads(run.data.tags[CLASS_WEIGHTS_TAG]) == {"common": 0.55, "rare": 5.5}  # 66 / (2 * 60), 66 / (2 * 6)
 
     many = [f"class_{i:04d}" for i in range(1000)]
     labels = np.arange(3000) % 1000

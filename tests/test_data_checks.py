@@ -314,11 +314,15 @@ def test_near_check_is_skipped_and_said_for_images_smaller_than_phash_sees(
 ) -> None:
     root = imbalanced_folder(tmp_path / "small", {"a": 8, "b": 4})
     (root / "a" / "copy.png").write_bytes((root / "a" / "0.png").read_bytes())
-    meta = prepare_splits(folder_config(root, image_size=16, dedupe="near"), tmp_path / "p")
+    meta = prepare_splits(folder_config(root, image_size=16, dedupe="exact"), tmp_path / "p")
     near = meta["checks"]["duplicates"]["near"]
     assert near["checked"] is False and "16 px" in near["skipped"] and near["pairs_total"] == 0
     assert meta["checks"]["duplicates"]["exact"]["groups_total"] == 1  # exact duplicates are still found
     assert "near duplicates not looked for: images of 16 px" in capsys.readouterr().err
+    # data.dedupe=near asked for what cannot be done here: refused in one line, before anything is written
+    with pytest.raises(DataError, match=r"^data\.dedupe=near: images of 16 px .* set data\.dedupe=exact"):
+        prepare_splits(folder_config(root, image_size=16, dedupe="near"), tmp_path / "q")
+    assert not (tmp_path / "q").exists()
 
 
 def test_lists_are_bounded_cross_split_first_and_the_counts_stay_whole(
@@ -337,3 +341,19 @@ def test_lists_are_bounded_cross_split_first_and_the_counts_stay_whole(
     assert len(dup["near"]["listed"]) == len(dup["exact"]["groups"]) == 3
     assert all(p["a"]["split"] != p["b"]["split"] for p in dup["near"]["listed"])  # cross-split pairs come first
     assert all(g["size"] == 2 and len(g["members"]) == 1 for g in dup["exact"]["groups"])
+
+
+def test_identical_images_under_different_classes_are_a_warning_and_listed_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = imbalanced_folder(tmp_path / "labels", {"cat": 6, "dog": 6})
+    (root / "cat" / "copy.png").write_bytes((root / "cat" / "1.png").read_bytes())  # a copy, same class
+    (root / "dog" / "mislabelled.png").write_bytes((root / "cat" / "0.png").read_bytes())  # the same image, as a dog
+    meta = prepare_splits(folder_config(root), tmp_path / "p")
+    exact = meta["checks"]["duplicates"]["exact"]
+    assert exact["groups_total"] == 2 and exact["conflicting_classes_total"] == 1
+    first, second = exact["groups"]
+    assert first["classes"] == ["cat", "dog"] and second["classes"] == ["cat"]
+    assert {m["file"] for m in first["members"]} == {"cat/0.png", "dog/mislabelled.png"}
+    lines = [x for x in capsys.readouterr().err.splitlines() if "different classes" in x]
+    assert len(lines) == 1 and lines[0].startswith("[prepare] warning: 1 group(s) of identical images")

@@ -342,3 +342,28 @@ def test_the_run_has_every_file_and_the_pictures_as_keyed_images(
         Image.open(out / "errors.png") as local,
     ):
         assert np.array_equal(np.asarray(keyed.convert("RGB")), np.asarray(local.convert("RGB")))
+
+
+def test_class_activation_maps_that_fail_cost_no_other_picture(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A network captum cannot trace: one warning line, the reason in eval/cam/not_applicable.txt (a stale cam.png
+    removed), and the gallery, pairs and calibration written as always."""
+    import cnnpipe.stages.evaluate as stage
+
+    def traced_badly(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("hook saw a tensor it did not expect\nsecond line")
+
+    monkeypatch.setattr(stage, "plot_class_activation_maps", traced_badly)
+    logits, labels, images = random_case()
+    (tmp_path / "cam").mkdir()
+    (tmp_path / "cam/cam.png").write_bytes(b"an earlier model's")
+    classes = [f"class {i}" for i in range(5)]
+    net = torch.nn.Identity()
+    m = classification_metrics(logits, labels)
+    reason = stage.write_pictures(tmp_path, net, torch.from_numpy(images), labels, logits, m, classes, None, "cpu")
+    assert reason == "class-activation maps failed: RuntimeError: hook saw a tensor it did not expect"
+    assert (tmp_path / "cam/not_applicable.txt").read_text() == reason + "\n"
+    assert not (tmp_path / "cam/cam.png").exists()
+    assert all((tmp_path / name).stat().st_size > 1000 for name in ("errors.png", "confused.png", "calibration.png"))
+    assert "[evaluate] warning: class-activation maps failed: RuntimeError" in capsys.readouterr().err

@@ -183,6 +183,11 @@ def run_checks(raw: RawData, splits: dict[str, np.ndarray], data: DataConfig, st
     start = time.perf_counter()
     side_len = hashed_side(raw)
     near_bits = data.near_duplicate_bits if side_len >= MIN_NEAR_SIZE else None
+    if near_bits is None and data.dedupe == "near":  # set explicitly: used, or refused, never quietly weakened
+        raise DataError(
+            f"data.dedupe=near: images of {side_len} px are below the {MIN_NEAR_SIZE} px a perceptual hash needs "
+            "to tell distinct images apart; set data.dedupe=exact (identical images) or none"
+        )
     found = find_duplicates(raw.images, splits, near_bits, stage)
     rows = np.concatenate([splits[s] for s in SPLITS])
     bounds = np.cumsum([0, *(len(splits[s]) for s in SPLITS)])
@@ -217,13 +222,24 @@ def run_checks(raw: RawData, splits: dict[str, np.ndarray], data: DataConfig, st
         for a, b in SPLIT_PAIRS:
             i, j = SPLITS.index(a), SPLITS.index(b)
             exact_counts[pair_name(a, b)] += int(per[i] * (per[i] - 1) // 2 if i == j else per[i] * per[j])
-    crossing = sorted(found.exact_groups, key=lambda g: len(set(side[g].tolist())) == 1)  # cross-split first
+    # Identical images filed under different classes: a labelling error, whatever the splits (listed first).
+    conflicting = [len(set(raw.labels[rows[g]].tolist())) > 1 for g in found.exact_groups]
+    order = sorted(
+        range(len(found.exact_groups)),
+        key=lambda k: (not conflicting[k], len(set(side[found.exact_groups[k]].tolist())) == 1),  # then cross-split
+    )
+
+    def group(k: int) -> dict[str, Any]:
+        g = found.exact_groups[k]
+        shown = sorted(g, key=lambda p: (-int(side[p]), int(p)))[:MAX_GROUP_LISTED]  # test, val members before train
+        classes = sorted({raw.classes[c] for c in raw.labels[rows[g]].tolist()})
+        return {"size": len(g), "classes": classes, "members": [member(int(p)) for p in shown]}
+
     exact = {
         "pairs": exact_counts,
         "groups_total": len(found.exact_groups),
-        "groups": [
-            {"size": len(g), "members": [member(int(p)) for p in g[:MAX_GROUP_LISTED]]} for g in crossing[:MAX_LISTED]
-        ],
+        "conflicting_classes_total": sum(conflicting),
+        "groups": [group(k) for k in order[:MAX_LISTED]],
     }
     near: dict[str, Any] = {"bits": data.near_duplicate_bits, "checked": near_bits is not None}
     if near_bits is None:
@@ -307,9 +323,9 @@ def source_summary(raw: RawData) -> dict[str, Any] | None:
     }
 
 
-def duplicate_lines(section: dict[str, Any], meta_path: str) -> tuple[str | None, list[str]]:
-    """A warning about cross-split duplicates (None without any) and info lines: duplicates within a split, and
-    near duplicates not looked for."""
+def duplicate_lines(section: dict[str, Any], meta_path: str) -> tuple[list[str], list[str]]:
+    """Warnings (cross-split duplicates; identical images under different classes) and info lines (duplicates
+    within a split; near duplicates not looked for)."""
     dup, removed = section["duplicates"], section["removed"]
     cross: list[tuple[str, int]] = []
     within: list[tuple[str, int]] = []
@@ -317,7 +333,7 @@ def duplicate_lines(section: dict[str, Any], meta_path: str) -> tuple[str | None
         for pair, count in dup[kind]["pairs"].items():
             if count:
                 (cross if "-" in pair else within).append((f"{kind} {pair}", count))
-    warning = None
+    warnings = []
     if cross:
         if removed["dedupe"] == "none":
             then = "data.dedupe=exact|near drops them from val/test"
@@ -326,9 +342,15 @@ def duplicate_lines(section: dict[str, Any], meta_path: str) -> tuple[str | None
             then = f"data.dedupe={removed['dedupe']} removed {gone} image(s)"
             if removed["dedupe"] == "exact" and any(k.startswith("near") for k, _ in cross):
                 then += "; data.dedupe=near drops the near ones too"
-        warning = (
+        warnings.append(
             f"{sum(c for _, c in cross)} cross-split duplicate pair(s) ({', '.join(f'{k} {c}' for k, c in cross)}); "
             f"listed in {meta_path} checks.duplicates; {then}"
+        )
+    exact = dup["exact"]
+    if exact["conflicting_classes_total"]:
+        warnings.append(
+            f"{exact['conflicting_classes_total']} group(s) of identical images are filed under different classes "
+            f"(a labelling error); listed first in {meta_path} checks.duplicates.exact.groups with their classes"
         )
     notes = []
     if within:
@@ -336,7 +358,7 @@ def duplicate_lines(section: dict[str, Any], meta_path: str) -> tuple[str | None
         notes.append(f"duplicate pairs within a split (kept): {shown}; listed in {meta_path} checks.duplicates")
     if not dup["near"]["checked"]:
         notes.append(f"near duplicates not looked for: {dup['near']['skipped']} (exact ones are)")
-    return warning, notes
+    return warnings, notes
 
 
 def imbalance_line(section: dict[str, Any]) -> str | None:

@@ -15,7 +15,7 @@ import torch
 
 from cnnpipe.atomic import write_json_atomic, write_text_atomic
 from cnnpipe.config import Config
-from cnnpipe.console import info
+from cnnpipe.console import info, warn
 from cnnpipe.data.store import load_split
 from cnnpipe.errors import DataError
 from cnnpipe.evaluation.attribution import plot_class_activation_maps
@@ -76,7 +76,7 @@ def write_pictures(
     (None: cam/cam.png was drawn). `images`: uint8 as stored; the gallery shows the central crop the network
     saw (models/layers.py), the CAM helper crops as the network does."""
     seen = centre_crop(images, input_size).numpy()
-    ranked = rank_by_loss(logits, labels)[:GALLERY_SIZE]
+    ranked = rank_by_loss(logits, labels, limit=GALLERY_SIZE)
     write_text_atomic(out / "errors.csv", errors_csv(ranked, classes))
     plot_error_gallery(seen, ranked, classes, out / "errors.png")
     plot_confused_pairs(seen, logits, labels, m.confusion, classes, out / "confused.png")
@@ -84,10 +84,17 @@ def write_pictures(
     write_json_atomic(out / "calibration.json", calibration_records(bins))
     plot_reliability(bins, m.summary["ece"], out / "calibration.png")
     (out / CAM_NOT_APPLICABLE).unlink(missing_ok=True)  # eval/cam/ holds one of the two, never a stale other
-    reason = plot_class_activation_maps(net, images, labels, classes, out / CAM_FILE, device=device)
+    try:
+        reason = plot_class_activation_maps(net, images, labels, classes, out / CAM_FILE, device=device)
+    except Exception as exc:  # a diagnostic picture: a network captum cannot trace must not cost the test metrics
+        (out / CAM_FILE).unlink(missing_ok=True)
+        reason = f"class-activation maps failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        warn("evaluate", reason)
+    else:
+        if reason is not None:
+            info("evaluate", reason)
     if reason is not None:
         write_text_atomic(out / CAM_NOT_APPLICABLE, reason + "\n")
-        info("evaluate", reason)
     return reason
 
 

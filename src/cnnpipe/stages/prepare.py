@@ -53,6 +53,6 @@ def report_checks(checks: dict[str, Any], meta_path: Path) -> None:
     for line in (source_line(checks), *notes):
         if line:
             info("prepare", line)
-    for line in (duplicates, imbalance_line(checks)):
+    for line in (*duplicates, imbalance_line(checks)):
         if line:
             warn("prepare", line)

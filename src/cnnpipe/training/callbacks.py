@@ -47,5 +47,7 @@ class EpochHistory(Callback):
         for sink in self.sinks:
             sink(metrics, epoch)
         if not self.quiet:
-            shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in ("train/loss", "val/loss", "val/acc") if k in metrics)
+            shown = "  ".join(
+                f"{k} {metrics[k]:.4f}" for k in ("train/loss", "val/loss", "val/acc", "val/f1_macro") if k in metrics
+            )
             info(self.stage, f"epoch {epoch}/{trainer.max_epochs}  {shown}")

@@ -31,11 +31,12 @@ def plot_curves(rows: list[dict[str, float]], path: Path) -> None:
         ("val/loss", ax_loss),
         ("train/acc", ax_acc),
         ("val/acc", ax_acc),
+        ("val/f1_macro", ax_acc),
     ):
         values = [r.get(key, np.nan) for r in rows]
         ax.plot(epochs, values, marker=".", label=key)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy, macro F1", title="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()

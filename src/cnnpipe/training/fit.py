@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import tempfile
 import warnings
@@ -195,13 +196,14 @@ def balanced_loss_weights(cfg: Config, train: Split, classes: list[str]) -> torc
 
 def log_class_balance(run: RunLogger, cfg: Config, train: Split, classes: list[str]) -> str | None:
     """What train.class_balance trains with, on the run (the setting itself is the param train.class_balance):
-    for `loss` the class weights, as tag `cnnpipe.class_weights` (`name:weight` pairs, 6 significant digits).
-    Past MLflow's 8000 characters for a tag (hundreds of classes) they go to the artifact class_weights.json
-    (full precision), which the tag names. Returns the tag's text (None: nothing to log)."""
+    for `loss` the class weights, as tag `cnnpipe.class_weights` (JSON {class: weight}, 6 significant digits:
+    class names are data, a `name:weight` list could not be read back). Past MLflow's 8000 characters for a tag
+    (hundreds of classes) they go to the artifact class_weights.json (full precision), which the tag names.
+    Returns the tag's text (None: nothing to log)."""
     weights = balanced_loss_weights(cfg, train, classes)
     if weights is None:
         return None
-    pairs = ", ".join(f"{name}:{w:.6g}" for name, w in zip(classes, weights.tolist(), strict=True))
+    pairs = json.dumps({name: float(f"{w:.6g}") for name, w in zip(classes, weights.tolist(), strict=True)})
     if len(pairs) > MAX_TAG_CHARS:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / CLASS_WEIGHTS_FILE

@@ -107,11 +107,11 @@ class ImageClassifier(pl.LightningModule):
         self.optim_cfg = optim
         self.scale_lr = scale_lr
         self.label_smoothing = label_smoothing
-        # train.class_balance=loss: one weight per class (fit.class_weights), or None (plain cross-entropy). A buffer,
-        # so it moves to the device with the module; not persistent: derived from the train labels, not learned,
-        # and a checkpoint stays loadable whatever the setting.
-        self.class_weights: torch.Tensor | None
-        self.register_buffer("class_weights", class_weights, persistent=False)
+        # train.class_balance=loss: one weight per class (fit.class_weights), or None (plain cross-entropy). Not a
+        # buffer: trainer.precision=bf16-true casts buffers to bf16 (3 significant digits), and the run logs the
+        # float32 values it trains with; moved to the device in on_fit_start. Not in checkpoints: derived from the
+        # train labels, not learned, so a checkpoint stays loadable whatever the setting.
+        self.class_weights = None if class_weights is None else class_weights.float()
         self.batch_size = batch_size  # None: every training batch is one step
         self.grad_clip = grad_clip
         # validate_args=False: the inputs are our own logits and labels; the checks cost ~0.1 ms per step.
@@ -124,6 +124,10 @@ class ImageClassifier(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def on_fit_start(self) -> None:
+        if self.class_weights is not None:
+            self.class_weights = self.class_weights.to(self.device)
 
     def evaluated_net(self) -> nn.Module:
         """What validation measures and what is saved: the weight average when `train.ema` is on."""

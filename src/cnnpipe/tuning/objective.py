@@ -74,7 +74,7 @@ class PruneOn(Callback):
 
 class EpochProgress(Callback):
     """One line per epoch at most every `every` seconds while a trial trains (a trial can take minutes):
-    `trial 3 (4 of 8): epoch 5/12  val/acc 0.9500  best so far 0.9720 (trial 1)`."""
+    `trial 3 (4 of 8): epoch 5/12  val/f1_macro 0.9500  best so far 0.9720 (trial 1)`."""
 
     def __init__(self, label: str, head: str, metric: str, best: str, every: float = 5.0) -> None:
         self.label, self.head, self.metric, self.best, self.every = label, head, metric, best, every
