@@ -120,14 +120,14 @@ def test_second_repro_skips_every_stage_quickly(repro_project: Path) -> None:
 
 
 def test_changing_a_train_param_reruns_train_and_evaluate_only(repro_project: Path) -> None:
-    compose_params(repro_project, *SHORT, "train.early_stopping_patience=5")
+    compose_params(repro_project, *SHORT, "train.resume=never")  # read by train alone (not by the sweep's trials)
     proc = dvc("repro", cwd=repro_project)
     assert "Running stage 'train'" in proc.stdout and "Running stage 'evaluate'" in proc.stdout
     for upstream in ("prepare", "augment", "sweep"):
         assert f"Running stage '{upstream}'" not in proc.stdout
     client = MlflowClient(f"sqlite:///{repro_project / 'mlflow.db'}")
     runs = runs_by_stage(client, "train")
-    assert len(runs) == 2 and runs[0].data.params["train.early_stopping_patience"] == "5"
+    assert len(runs) == 2 and runs[0].data.params["train.resume"] == "never"
     assert "test/acc" in runs[0].data.metrics  # evaluate logged into the new run
 
 

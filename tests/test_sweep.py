@@ -14,6 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from cnnpipe.tuning.storage import WORKER_ATTR
 from tests.helpers import isolated, needs_postgres, prepared_copy, signal_when, stage_env
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -108,11 +109,13 @@ def test_killed_sweep_resumes_with_no_lost_or_duplicated_trials(project: Path) -
     )
     journal = project / f".optuna-{name}" / "journal.log"
 
-    def second_running() -> bool:  # one trial done and the next one running
-        if not journal.exists():
+    def second_running() -> bool:  # one trial done and the next one running, claimed by its worker (a trial
+        if not journal.exists():  # killed before its claim is recovered only after UNCLAIMED_GRACE_S)
             return False
         trials = journal_study(project, name).trials
-        return any(t.state == TrialState.COMPLETE for t in trials) and trials[-1].state == TrialState.RUNNING
+        if not any(t.state == TrialState.COMPLETE for t in trials):
+            return False
+        return trials[-1].state == TrialState.RUNNING and WORKER_ATTR in trials[-1].user_attrs
 
     try:
         signal_when(proc.pid, second_running, signal.SIGKILL, what="a running second trial")

@@ -4,6 +4,7 @@ no MLflow store (its first use costs seconds): recovered trials here have no MLf
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import socket
@@ -25,6 +26,7 @@ from cnnpipe.tuning.storage import (
     GRACE_ENV,
     RUN_ID_ATTR,
     SURPLUS_ATTR,
+    UNCLAIMED_GRACE_S,
     WORKER_ATTR,
     TrialRecovery,
     budget_used,
@@ -248,6 +250,12 @@ def test_recover_dead_trials_requeues_only_dead_local_workers_trials(tmp_path: P
     assert all(t.state == TrialState.WAITING and WORKER_ATTR not in t.user_attrs for t in retries)
     assert recover_dead_trials(study) == 0  # nothing left to recover: no second retry
     assert len(study.trials) == 7
+    # The unclaimed one lost its worker in the moment between Optuna's creating it and the claim: a minute on,
+    # nothing alive would still leave it unclaimed on a journal (one host).
+    later = datetime.datetime.now() + datetime.timedelta(seconds=UNCLAIMED_GRACE_S + 1)
+    assert recover_dead_trials(study, now=later) == 1
+    assert [t.state for t in study.trials[:5]] == [TrialState.FAIL] * 2 + [TrialState.RUNNING] * 2 + [TrialState.FAIL]
+    assert study.trials[-1].system_attrs["failed_trial"] == 4 and study.trials[-1].state == TrialState.WAITING
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")  # study.ask

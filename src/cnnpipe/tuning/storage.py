@@ -12,6 +12,7 @@ which its dead worker could not end, is ended KILLED with a `cnnpipe.end_reason`
 from __future__ import annotations
 
 import copy
+import datetime
 import os
 import socket
 import warnings
@@ -34,6 +35,10 @@ RUN_ID_ATTR = "cnnpipe.mlflow_run_id"  # the trial's MLflow child run
 SURPLUS_ATTR = "cnnpipe.surplus"  # a trial started past the budget by a racing worker: pruned before training
 HEARTBEAT_S = 10
 GRACE_S = 30
+# A worker claims its trial (WORKER_ATTR) first thing, milliseconds after Optuna created it RUNNING. A journal
+# trial (one host) still unclaimed after this long lost its worker in that window (killed while writing the claim,
+# a fresh-clone run under load showed it): it is failed and re-queued like any dead worker's.
+UNCLAIMED_GRACE_S = 60
 GRACE_ENV = "CNNPIPE_HEARTBEAT_GRACE_S"
 
 
@@ -138,9 +143,12 @@ def open_storage(cfg: Config, root: Path) -> optuna.storages.BaseStorage:
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def recover_dead_trials(study: optuna.Study, recovery: TrialRecovery | None = None) -> int:
+def recover_dead_trials(
+    study: optuna.Study, recovery: TrialRecovery | None = None, now: datetime.datetime | None = None
+) -> int:
     """Fail and re-queue RUNNING trials whose worker process on this host is gone (a zombie counts as gone),
-    closing their MLflow runs; RDB storage: also trials whose heartbeat went stale (workers on other hosts).
+    closing their MLflow runs; RDB storage: also trials whose heartbeat went stale (workers on other hosts);
+    journal storage: also trials still unclaimed `UNCLAIMED_GRACE_S` after they started (`now`: for tests).
     `recovery`: the storage's own heartbeat callback when it is a `TrialRecovery`, else the run is not closed.
     Returns how many trials it recovered (another worker may get to a trial first: it is not counted)."""
     storage = study._storage
@@ -156,10 +164,18 @@ def recover_dead_trials(study: optuna.Study, recovery: TrialRecovery | None = No
             optuna.storages.fail_stale_trials(study)  # the heartbeat callback re-queues and closes
         retried = {t.system_attrs.get("failed_trial") for t in study.get_trials(deepcopy=False)}
         recovered += len(before & retried)  # (a trial that merely failed meanwhile is not re-queued)
+    now = now or datetime.datetime.now()  # Optuna's datetime_start is naive local time
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = str(trial.user_attrs.get(WORKER_ATTR, ""))
-        if not owner or owner_alive(owner) is not False:
-            continue  # alive, on another host (the heartbeat's job), or not yet claimed by its worker
+        why = f"its worker {owner} is no longer running"
+        if not owner:
+            started = trial.datetime_start
+            unclaimed = started is not None and (now - started).total_seconds() > UNCLAIMED_GRACE_S
+            if isinstance(backend, RDBStorage) or not unclaimed:
+                continue  # not yet claimed by its worker (RDB: maybe on another host, the heartbeat's job)
+            why = f"no worker claimed it within {UNCLAIMED_GRACE_S} s"
+        elif owner_alive(owner) is not False:
+            continue  # alive, or on another host (the heartbeat's job)
         try:
             if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL) is False:
                 continue
@@ -168,7 +184,7 @@ def recover_dead_trials(study: optuna.Study, recovery: TrialRecovery | None = No
         if recovery is None:
             requeue(study, trial)
         else:
-            recovery.after_failure(study, trial, f"its worker {owner} is no longer running")
+            recovery.after_failure(study, trial, why)
         recovered += 1
     return recovered
 
