@@ -326,7 +326,7 @@ def test_unusable_weights_error_is_one_line(kind: str, tmp_path: Path) -> None:
         build_model(spec_for(timm_cfg(weights=str(weights))), pretrained=True)
     message = str(caught.value)
     assert "\n" not in message and "\x1b" not in message, message
-    assert len(message) < 400, message
+    assert len(message.replace(str(weights), "<file>")) < 350, message  # short, whatever pytest's tmp path
 
 
 @pytest.mark.parametrize("arch", [ARCH, OTHER])
@@ -483,7 +483,7 @@ def test_weights_of_another_architecture_do_not_fit(tmp_path: Path) -> None:
         build_model(spec_for(timm_cfg(weights=str(weights))), pretrained=True)
     message = str(caught.value)
     assert message.startswith(f"model.weights: do not fit model.arch={ARCH} ("), message
-    assert "\n" not in message and len(message) < 400
+    assert "\n" not in message and len(message.replace(str(weights), "<file>")) < 400
 
 
 NON_STRICT = (
