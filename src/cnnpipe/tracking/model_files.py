@@ -11,7 +11,7 @@ from mlflow.exceptions import MlflowException
 
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.redact import mask_secrets
-from cnnpipe.tracking.registry import RUN_ID, _local_store_path, logged_model_id
+from cnnpipe.tracking.registry import load_failure, loadable_uri, local_store_path
 from cnnpipe.tracking.runs import connect
 from cnnpipe.tracking.uri import resolve_tracking_uri
 
@@ -20,7 +20,7 @@ def missing_store(configured_uri: str | None, project_root: Path) -> str | None:
     """The (masked) tracking URI when it names an SQLite file that does not exist, else None. MLflow would create
     an empty store there and then not find the run or model asked for: a reader says what is missing instead."""
     uri = resolve_tracking_uri(configured_uri, project_root)
-    store = _local_store_path(uri) if uri.startswith("sqlite:///") else None
+    store = local_store_path(uri) if uri.startswith("sqlite:///") else None
     return mask_secrets(uri) if store is not None and not store.is_file() else None
 
 
@@ -52,13 +52,8 @@ def download_model_files(source: str, configured_uri: str | None, project_root: 
     where = mask_secrets(uri)
     name: str | None = None
     version: str | None = None
-    model_uri = source
     try:
-        if RUN_ID.match(source):
-            model_id = logged_model_id(client, source)
-            if model_id is None:
-                raise CnnpipeError(f"run {source} in {where} has no logged model (was tracking.log_model false?)")
-            model_uri = f"models:/{model_id}"
+        model_uri = loadable_uri(client, source, where)
         if model_uri.startswith("models:/"):
             found = get_model_name_and_version(client, model_uri)  # alias, number, `latest`, stage; or a model id
             if len(found) == 2:
@@ -66,8 +61,7 @@ def download_model_files(source: str, configured_uri: str | None, project_root: 
         local = Path(download_artifacts(artifact_uri=model_uri, dst_path=str(dest), tracking_uri=uri))
         meta = Model.load(str(local))
     except MlflowException as exc:
-        first = str(exc.message).strip().splitlines()[0] if exc.message else type(exc).__name__
-        raise CnnpipeError(f"{source}: cannot load the model from {where}: {first}") from None
+        raise load_failure(source, where, exc) from None
     artifacts = meta.flavors.get("python_function", {}).get("artifacts") or {}
     folder = local / str(artifacts.get(MODEL_ARTIFACT, {}).get("path", ""))
     if MODEL_ARTIFACT not in artifacts or not folder.is_dir():

@@ -166,7 +166,7 @@ def _one_version_per_run(client: MlflowClient, name: str, run_id: str, registere
 def _store_lock(uri: str) -> Iterator[None]:
     """An exclusive flock beside a local store (SQLite file or file store folder); nothing for a server, where
     `_one_version_per_run` mends a race after the fact."""
-    path = _local_store_path(uri)
+    path = local_store_path(uri)
     if fcntl is None or path is None:
         yield
         return
@@ -184,7 +184,7 @@ def _store_lock(uri: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _local_store_path(uri: str) -> Path | None:
+def local_store_path(uri: str) -> Path | None:
     """The SQLite file or file-store folder behind a local tracking URI; None for a server or another database."""
     if uri.startswith("sqlite:///"):
         db = uri[len("sqlite:///") :].split("?", 1)[0]
@@ -206,6 +206,22 @@ def _as_float(text: str | None) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def loadable_uri(client: MlflowClient, source: str, where: str) -> str:
+    """`source` as a URI MLflow loads: a bare train run id becomes its logged model's `models:/<model id>`."""
+    if not RUN_ID.match(source):
+        return source
+    model_id = logged_model_id(client, source)
+    if model_id is None:
+        raise CnnpipeError(f"run {source} in {where} has no logged model (was tracking.log_model false?)")
+    return f"models:/{model_id}"
+
+
+def load_failure(source: str, where: str, exc: MlflowException) -> CnnpipeError:
+    """MLflow's refusal to load `source` as one line naming the source and the store."""
+    first = str(exc.message).strip().splitlines()[0] if exc.message else type(exc).__name__
+    return CnnpipeError(f"{source}: cannot load the model from {where}: {first}")
+
+
 def load_pyfunc(source: str, configured_uri: str | None, project_root: Path) -> Any:
     """An MLflow pyfunc model from `models:/name@alias`, `models:/name/version`, `models:/<model id>`,
     `runs:/<run id>/model`, or a bare train run id (its logged model). User errors name the source and store."""
@@ -214,12 +230,7 @@ def load_pyfunc(source: str, configured_uri: str | None, project_root: Path) -> 
     client, uri = connect(configured_uri, project_root)
     where = mask_secrets(uri)
     try:
-        if RUN_ID.match(source):
-            model_id = logged_model_id(client, source)
-            if model_id is None:
-                raise CnnpipeError(f"run {source} in {where} has no logged model (was tracking.log_model false?)")
-            source = f"models:/{model_id}"
+        source = loadable_uri(client, source, where)
         return mlflow.pyfunc.load_model(source)
     except MlflowException as exc:
-        first = str(exc.message).strip().splitlines()[0] if exc.message else type(exc).__name__
-        raise CnnpipeError(f"{source}: cannot load the model from {where}: {first}") from None
+        raise load_failure(source, where, exc) from None
