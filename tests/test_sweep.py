@@ -14,7 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from cnnpipe.tuning.storage import WORKER_ATTR
+from cnnpipe.tuning.storage import RUN_ID_ATTR, WORKER_ATTR
 from tests.helpers import isolated, needs_postgres, prepared_copy, signal_when, stage_env
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -287,8 +287,10 @@ def test_ctrl_c_stops_cleanly_and_the_resumed_study_loses_nothing(project: Path)
     )
     journal = project / f".optuna-{name}" / "journal.log"
 
-    def running() -> bool:
-        return journal.exists() and any(t.state == TrialState.RUNNING for t in journal_study(project, name).trials)
+    def running() -> bool:  # a trial training inside its MLflow run: claimed, its run id recorded
+        return journal.exists() and any(
+            t.state == TrialState.RUNNING and RUN_ID_ATTR in t.user_attrs for t in journal_study(project, name).trials
+        )
 
     try:
         signal_when(proc.pid, running, signal.SIGINT, what="a running trial")  # not between two short trials

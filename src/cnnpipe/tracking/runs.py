@@ -147,11 +147,48 @@ def tracked_run(
         with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
             yield RunLogger(client, run_id, uri)
             status = RunStatus.to_string(RunStatus.FINISHED)
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        interrupt = interrupt_behind(exc)
+        if interrupt is None:
+            raise
         status = RunStatus.to_string(RunStatus.KILLED)
+        if interrupt is not exc:  # a store write in the body's cleanup failed while Ctrl-C was on its way out
+            warn(tags.get("cnnpipe.stage", "mlflow"), f"while stopping: {_first_line(exc)}")
+            raise interrupt from None
         raise
     finally:
+        _end_run(client, run_id, status, tags.get("cnnpipe.stage", "mlflow"))
+
+
+def interrupt_behind(exc: BaseException) -> BaseException | None:
+    """The Ctrl-C / SIGTERM (KeyboardInterrupt) `exc` is, or was raised while handling: an MLflow write in a
+    `finally` that fails during an interrupt (SQLite: "database is locked") must not turn the interrupt into an
+    ordinary error, which a sweep would count as one failed trial and carry on past."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return current
+        seen.add(id(current))
+        current = current.__context__
+    return None
+
+
+def _end_run(client: MlflowClient, run_id: str, status: str, stage: str) -> None:
+    """Mark the run ended. With an error on its way out (status not FINISHED), a store that refuses the write only
+    warns: the error stays the one the user sees, and the next cnnpipe run in the experiment closes the run
+    (`_close_orphans`: its owning process is gone by then)."""
+    try:
         client.set_terminated(run_id, status=status)
+    except MlflowException as exc:
+        if status == RunStatus.to_string(RunStatus.FINISHED):
+            raise
+        warn(stage, f"MLflow run {run_id} could not be marked {status} ({_first_line(exc)}); the next run closes it")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = mask_secrets(str(exc)).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def close_run(client: MlflowClient, run_id: str, reason: str, status: str = "KILLED", owner: str | None = None) -> bool:
