@@ -9,14 +9,11 @@ images fit the model, else on --images FOLDER; the files are then logged to the 
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from cnnpipe.config import find_project_root
-from cnnpipe.errors import CnnpipeError
 from cnnpipe.serving.export import DEFAULT_TOLERANCE, run_export
-from cnnpipe.stages.runner import command_errors
+from cnnpipe.stages.runner import tool_command
 
 PROG = "cnnpipe export"
 
@@ -47,12 +44,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars on the terminal
-    with command_errors(PROG):
-        try:
-            root: Path | None = find_project_root(Path(__file__).resolve().parent)
-        except CnnpipeError:
-            root = None  # a copied script: a local models folder with --images still works
+    with tool_command(PROG, __file__) as root:
         out = args.out.expanduser() if args.out is not None else None
         images = args.images.expanduser() if args.images is not None else None
         run_export(args.model, out, images, root, args.tolerance)

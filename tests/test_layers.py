@@ -18,7 +18,7 @@ LAYERS = [
     {"errors", "console", "processes", "redact"},
     {"atomic", "registry"},
     {"config", "figures", "offline_plots"},
-    {"evaluation", "threads", "data"},
+    {"evaluation", "threads", "data", "monitoring"},
     {"models"},
     {"tracking"},
     {"training", "serving"},

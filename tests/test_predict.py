@@ -20,9 +20,11 @@ from tests.helpers import ROOT, copy_project, png_bytes, stage_env, tiny_model, 
 
 
 def cli(*args: str, project: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    """`python pipelines/predict.py ...` of `project` (the script finds its project's params.yaml and store)."""
+    """`python pipelines/predict.py ...` of `project` (the script finds its project's params.yaml and store); no
+    prediction log unless the test asks for one (by default it would go to the project's monitor/: the repo's)."""
+    logging = any(a in ("--log", "--no-log", "--log-images") for a in args)
     return subprocess.run(
-        [sys.executable, "pipelines/predict.py", *args],
+        [sys.executable, "pipelines/predict.py", *args, *([] if logging else ["--no-log"])],
         cwd=project,
         env=stage_env(),
         capture_output=True,

@@ -86,8 +86,10 @@ class _Budget:
 
     def __init__(self, limits: PixelLimits) -> None:
         self.limits, self.used = limits, 0
+        self.last: tuple[int, int] | None = None  # (width, height) of the image last taken: its size as it came
 
     def take(self, width: int, height: int) -> None:
+        self.last = (int(width), int(height))
         pixels = width * height
         limit = self.limits.image
         if limit and pixels > limit:
@@ -109,6 +111,7 @@ class _Budget:
 class ImageBatch:
     images: np.ndarray  # uint8 (N, C, H, W) at the model's in_shape; a row that failed is all zeros
     errors: list[str | None]  # per row: why it could not be used, or None
+    sizes: list[tuple[int, int] | None]  # per row: (width, height) as sent, before resizing; None if unreadable
 
 
 def to_batch(
@@ -130,15 +133,19 @@ def to_batch(
         batch = _batch_nchw(cells, in_shape)
         for _ in range(len(batch)):
             budget.take(batch.shape[-1], batch.shape[-2])
-        return ImageBatch(_fit_pixels(batch, channels, size, interpolation, square), [None] * len(cells))
+        fitted = _fit_pixels(batch, channels, size, interpolation, square)
+        return ImageBatch(fitted, [None] * len(cells), [budget.last] * len(cells))
     images = np.zeros((len(cells), channels, size, size), dtype=np.uint8)
     errors: list[str | None] = [None] * len(cells)
+    sizes: list[tuple[int, int] | None] = [None] * len(cells)
     for i, cell in enumerate(cells):
+        budget.last = None
         try:
             images[i] = _one_image(cell, in_shape, budget, interpolation, square)
         except (ImageDecodeError, DataError) as exc:
             errors[i] = str(exc)
-    return ImageBatch(images, errors)
+        sizes[i] = budget.last
+    return ImageBatch(images, errors, sizes)
 
 
 def _cells(model_input: Any) -> np.ndarray | list[Any]:

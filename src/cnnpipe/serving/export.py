@@ -423,17 +423,14 @@ def run_export(
     train run; say what happened on stderr."""
     from cnnpipe.config import load_config
     from cnnpipe.console import info
-    from cnnpipe.serving.predict import default_model_uri
+    from cnnpipe.serving.predict import model_or_champion
 
     if images is not None and not images.is_dir():  # the cheap mistakes first
         raise DataError(f"{images}: not a folder (--images)")
     if out is not None and out.exists() and not out.is_dir():
         raise DataError(f"{out}: is a file; --out names the folder to write")
     cfg = load_config([], root=root) if root is not None else None
-    if model is None:
-        if cfg is None:
-            raise DataError("no --model given and no cnnpipe project (params.yaml) to find the champion in")
-        model = default_model_uri(cfg)
+    model = model_or_champion(model, cfg)
     with tempfile.TemporaryDirectory(prefix="cnnpipe-export-") as scratch:
         source = resolve_source(model, cfg, root, Path(scratch))
         run = _run_logger(source, cfg, root)

@@ -28,6 +28,9 @@ from cnnpipe.data.images import IMAGE_SUFFIXES
 from cnnpipe.data.inputs import PixelLimits
 from cnnpipe.errors import DataError
 from cnnpipe.models.predictor import ImagePredictor
+from cnnpipe.monitoring.features import Observed
+from cnnpipe.monitoring.prediction_log import PredictionLogger, open_log
+from cnnpipe.redact import mask_secrets
 
 COLUMNS = ("file", "class", "probability", "error")
 CHAMPION = "champion"
@@ -50,6 +53,15 @@ def default_model_uri(cfg: Config) -> str:
     return f"models:/{registered_model_name(cfg.tracking.registered_model, cfg.data.name)}@{CHAMPION}"
 
 
+def model_or_champion(model: str | None, cfg: Config | None) -> str:
+    """The model the user named, else the configured dataset's champion (which needs the project's config)."""
+    if model is not None:
+        return model
+    if cfg is None:
+        raise DataError("no --model given and no cnnpipe project (params.yaml) to find the champion in")
+    return default_model_uri(cfg)
+
+
 def default_out(images: Path, root: Path | None) -> Path:
     """`<root>/predictions/<images folder name>.csv`: one file per folder, beside the project's other outputs
     whatever the working directory, and out of git's way; `./predictions/` when there is no project."""
@@ -69,12 +81,20 @@ def is_model_uri(source: str) -> bool:
     return source.startswith(("models:/", "runs:/"))
 
 
-def load_predict_fn(source: str, cfg: Config | None, root: Path | None) -> PredictFn:
+def load_predict_fn(
+    source: str, cfg: Config | None, root: Path | None, log: str | None = None, log_images: Path | None = None
+) -> PredictFn:
     """`source`: an MLflow model URI, a train run id, or a local models folder. `cfg` and `root` (the
-    project) give the tracking URI; a local folder needs neither."""
+    project) give the tracking URI; a local folder needs neither. `log`: append every answer to that prediction
+    log (a file or a database URL, `monitoring.prediction_log`); `log_images`: keep the images there too."""
     folder = Path(source).expanduser()
     if not is_model_uri(source) and folder.is_dir():
-        return ImagePredictor.from_folder(folder).predict
+        predictor = ImagePredictor.from_folder(folder)
+        if not log:
+            return predictor.predict
+        ref = predictor.reference
+        logger = PredictionLogger(open_log(log), None if ref is None else ref.info.get("model_run"), None, log_images)
+        return _logged(predictor.observe, logger)
     from cnnpipe.tracking.registry import RUN_ID, load_pyfunc
 
     if not (is_model_uri(source) or RUN_ID.match(source)):
@@ -82,8 +102,32 @@ def load_predict_fn(source: str, cfg: Config | None, root: Path | None) -> Predi
     if cfg is None or root is None:
         raise DataError(f"{source}: loading from MLflow needs a cnnpipe project (params.yaml) for the tracking URI")
     model = load_pyfunc(source, cfg.tracking.uri, root)
+    if log:  # the model's own predictor, observed in this process: logged models of any cnnpipe version log
+        from cnnpipe.tracking.pyfunc_model import ImageClassifierModel
+        from cnnpipe.tracking.registry import model_version
+
+        inner = model.unwrap_python_model()
+        if not isinstance(inner, ImageClassifierModel):
+            raise DataError(f"{source}: not a cnnpipe image model; its predictions cannot be logged (--no-log)")
+        ref = inner.predictor.reference
+        run = None if ref is None else ref.info.get("model_run")
+        logger = PredictionLogger(open_log(log), run, model_version(source, cfg.tracking.uri, root), log_images)
+        return _logged(inner.predictor.observe, logger)
     # The pyfunc's signature is one object tensor: one item (here: a file's bytes) per image.
     return lambda blobs: model.predict(np.array(blobs, dtype=object))
+
+
+def _logged(observe: Callable[[list[bytes]], tuple[pd.DataFrame, Observed]], logger: PredictionLogger) -> PredictFn:
+    def predict(blobs: list[bytes]) -> pd.DataFrame:
+        frame, seen = observe(blobs)
+        problem = logger(frame, seen)
+        if problem:
+            from cnnpipe.console import warn
+
+            warn("predict", f"prediction log {logger.log.where}: {problem}")
+        return frame
+
+    return predict
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -170,10 +214,17 @@ def _predict_batch(folder: Path, files: list[Path], predict: PredictFn) -> list[
 
 
 def run_predict(
-    images: Path, out: Path | None, model: str | None, root: Path | None, batch_size: int = 256
+    images: Path,
+    out: Path | None,
+    model: str | None,
+    root: Path | None,
+    batch_size: int = 256,
+    log: str | None = None,
+    log_images: Path | None = None,
 ) -> PredictReport:
     """What `pipelines/predict.py` does: resolve the model (default: the configured dataset's champion),
-    predict the folder, write `out` (default: `default_out`), say what happened and where on stderr."""
+    predict the folder, write `out` (default: `default_out`), append to the prediction `log` (None: none), say
+    what happened and where on stderr."""
     from cnnpipe.config import load_config
     from cnnpipe.console import info, warn
 
@@ -188,13 +239,12 @@ def run_predict(
         raise DataError(f"{out}: is a folder; --out names the CSV file to write")
     local = model is not None and not is_model_uri(model) and Path(model).expanduser().is_dir()
     cfg = None if local or root is None else load_config([], root=root)
-    if model is None:
-        if cfg is None:
-            raise DataError("no --model given and no cnnpipe project (params.yaml) to find the champion in")
-        model = default_model_uri(cfg)
-    predict = load_predict_fn(model, cfg, root)
+    model = model_or_champion(model, cfg)
+    predict = load_predict_fn(model, cfg, root, log, log_images)
     report = predict_folder(images, predict, out, batch_size)
     info("predict", f"{report.images} image(s) -> {where} (model {model})")
+    if log:
+        info("predict", f"logged to {mask_secrets(log) if '://' in log else shown(Path(log))}")
     if report.unreadable:
         warn("predict", f"{report.unreadable} unreadable image(s): rows with an error in {where}")
     return report

@@ -65,6 +65,20 @@ def command_errors(prog: str) -> Iterator[None]:
         sys.exit(EXIT_USER_ERROR)
 
 
+@contextmanager
+def tool_command(prog: str, script: str) -> Iterator[Path | None]:
+    """What the tools that are no DVC stage (predict, export, monitor) share: `command_errors`, no MLflow progress
+    bars on the terminal, and the project `script` lives in, yielded (None for a copied script: a models folder
+    and explicit paths still work)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with command_errors(prog):
+        try:
+            root: Path | None = find_project_root(Path(script).resolve().parent)
+        except CnnpipeError:
+            root = None
+        yield root
+
+
 # What libraries say for a full disk when they raise no OSError: safetensors' Rust I/O errors ("No space left on
 # device (os error 28)"), SQLite's SQLITE_FULL ("database or disk is full"), and the errno texts themselves.
 _NO_SPACE_TEXT = re.compile(

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -13,9 +14,11 @@ from cnnpipe.atomic import write_json_atomic, write_text_atomic
 from cnnpipe.config import Config, as_dict, flatten, with_values
 from cnnpipe.console import info, warn
 from cnnpipe.data.preprocess import Geometry, check_prepared, resolve_normalisation
-from cnnpipe.data.store import load_meta, load_split
+from cnnpipe.data.store import Split, load_meta, load_split
 from cnnpipe.errors import DataError
+from cnnpipe.models.predictor import ImagePredictor
 from cnnpipe.models.store import RUN_FILE, SPEC, SPEC_SHA, WEIGHTS, WEIGHTS_SHA, file_sha256, publish_model, save_model
+from cnnpipe.monitoring.reference import REFERENCE, build_reference, draw, save_reference
 from cnnpipe.redact import mask_secrets
 from cnnpipe.tracking.datasets import combined_digest, split_inputs
 from cnnpipe.tracking.model_logging import log_image_model
@@ -38,7 +41,7 @@ from cnnpipe.training.resume import (
 from cnnpipe.training.trainer import resolve_strategy
 
 # What the train stage publishes to models/, as one unit (run.json last, naming the run and the weights' sha256).
-OUTPUTS = [WEIGHTS, SPEC, "history.csv", "curves.png", "config.yaml", RUN_FILE]
+OUTPUTS = [WEIGHTS, SPEC, REFERENCE, "history.csv", "curves.png", "config.yaml", RUN_FILE]
 
 
 def apply_hparams(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()) -> tuple[Config, dict[str, str]]:
@@ -204,6 +207,7 @@ def run_training(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()
         write_text_atomic(staged / "config.yaml", mask_secrets(yaml.safe_dump(as_dict(cfg), sort_keys=False)))
         weights_sha = file_sha256(staged / WEIGHTS)
         run.set_tags({"cnnpipe.weights_sha256": weights_sha})
+        write_reference(staged, val, meta, run.run_id, weights_sha, next(result.net.parameters()).device)
         for name in ("curves.png", "history.csv", "config.yaml", "model.json"):
             run.log_artifact(staged / name)
         if result.best_score is not None:
@@ -229,6 +233,24 @@ def run_training(cfg: Config, root: Path, explicit: frozenset[str] = frozenset()
         finish_checkpoints(folder)
     info("train", f"best {cfg.train.monitor} {_short(result.best_score)} at epoch {result.best_epoch}")
     return summary
+
+
+def write_reference(
+    folder: Path, val: Split, meta: dict[str, Any], run_id: str, weights_sha: str, device: torch.device
+) -> None:
+    """The monitor's training reference (`monitoring.reference`) beside the saved model in `folder`: the saved
+    model itself (as served, from the safetensors; on the training `device`) on the validation split, at most
+    MAX_IMAGES of it."""
+    predictor = ImagePredictor.from_folder(folder, device)
+    images = np.ascontiguousarray(val.images[draw(len(val.labels))])
+    layer = predictor.classifier_layer()
+    if layer is None:
+        probs, embeddings = predictor.probabilities(images), None
+    else:
+        probs, embeddings = predictor.embedded(images, layer)
+    info = {"model_run": run_id, "weights_sha256": weights_sha, "layer": layer, "classes": predictor.classes}
+    info["source"] = "validation split"
+    save_reference(folder / REFERENCE, build_reference(images, probs, embeddings, meta, info))
 
 
 def _say_published(

@@ -15,6 +15,7 @@ import numpy as np
 
 import cnnpipe
 from cnnpipe.models.store import SPEC, WEIGHTS
+from cnnpipe.monitoring.reference import REFERENCE
 
 if TYPE_CHECKING:
     from mlflow.models import ModelSignature
@@ -80,8 +81,9 @@ def log_image_model(models_dir: Path, example: np.ndarray, name: str = "model") 
     with tempfile.TemporaryDirectory(prefix="cnnpipe-model-") as tmp:
         folder = Path(tmp) / MODEL_ARTIFACT
         folder.mkdir()
-        for file in (WEIGHTS, SPEC):
-            shutil.copy2(models_dir / file, folder / file)
+        for file in (WEIGHTS, SPEC, REFERENCE):
+            if file != REFERENCE or (models_dir / file).is_file():  # the reference: models since the monitor
+                shutil.copy2(models_dir / file, folder / file)
         with _quiet_mlflow():
             info = mlflow.pyfunc.log_model(
                 name=name,

@@ -234,3 +234,23 @@ def load_pyfunc(source: str, configured_uri: str | None, project_root: Path) -> 
         return mlflow.pyfunc.load_model(source)
     except MlflowException as exc:
         raise load_failure(source, where, exc) from None
+
+
+def model_version(source: str, configured_uri: str | None, project_root: Path) -> str | None:
+    """The registered version `source` names (`models:/name@alias`, `models:/name/version`), else None."""
+    client, _ = connect(configured_uri, project_root)
+    try:
+        return registry_version(client, source)
+    except MlflowException:
+        return None
+
+
+def registry_version(client: MlflowClient, source: str) -> str | None:
+    """The registered version `source` names (`models:/name@alias` or `models:/name/version`), else None."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", source)
+    if match is None:
+        return None
+    name, alias, number = match.groups()
+    if number is not None:
+        return number
+    return str(client.get_model_version_by_alias(name, alias).version)
