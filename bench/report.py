@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 FINDINGS = Path(__file__).resolve().parent / "findings.md"
 RUN_FILE = RESULTS / "_run_all.json"  # timings of the last run_all (not a table row)
-ORDER = ["B1", "B2", "B3", "B5", "B7", "B8", "pruning", "transfer", "prepare_checks", "GPU"]
+ORDER = ["B1", "B2", "B3", "B5", "B7", "B8", "pruning", "transfer", "prepare_checks", "monitor_drift", "GPU"]
 # Rows shown when a benchmark has no result file: why it was not measured.
 NOT_MEASURED = {
     "B7": (
@@ -189,7 +189,7 @@ def render() -> str:
         "Run: `make bench` (all, ~20 min), `make bench BENCH_ARGS='--only B1,B2'`, `BENCH_ARGS=--quick` (smoke test),",
         "or one alone: `python -m bench.b1_train_step`, `bench.b2_augment`, `bench.b3_time_to_accuracy`,",
         "`bench.b5_mlflow_logging`, `bench.b8_noop_repro`, `bench.pruning`, `bench.ddp_scaling`, `bench.transfer`,",
-        "`bench.prepare_checks`;",
+        "`bench.prepare_checks`, `bench.monitor_drift`;",
         "`python -m bench.b1_profile` profiles B1's train step; `python -m bench.report` rebuilds this page.",
     ]
     if FINDINGS.is_file():

@@ -33,6 +33,7 @@ BENCHMARKS = {
     "pruning": "bench.pruning",
     "transfer": "bench.transfer",
     "prepare_checks": "bench.prepare_checks",
+    "monitor_drift": "bench.monitor_drift",  # on the project's own models/ (after `make run`)
     "B7": "bench.ddp_scaling",
     "B3": "bench.b3_time_to_accuracy",
     "B8": "bench.b8_noop_repro",
