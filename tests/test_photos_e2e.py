@@ -196,6 +196,13 @@ def test_repro_runs_every_stage_on_the_photos(repro: tuple[Path, subprocess.Comp
     assert spec["in_shape"] == [3, STORED_SIZE, STORED_SIZE] and spec["classes"] == sorted(CLASSES)
     # Normalised with the network's pretrained mean/std (timm's config), not the photos' own.
     assert spec["mean"] == pytest.approx([0.5] * 3) and spec["std"] == pytest.approx([0.5] * 3)
+    # The monitor's reference: the timm head's input is the embedding; the photos' source sizes are the range.
+    from cnnpipe.monitoring.reference import load_reference
+
+    ref = load_reference(project / "models/reference.npz")
+    assert ref.layer is not None and ref.sample["embedding"].shape[0] == ref.info["images"] > 0
+    assert ref.info["size_min"] == [meta["checks"]["source"]["width"]["min"], meta["checks"]["source"]["height"]["min"]]
+    assert "width" not in ref.sample  # folder images: sizes per image unknown after prepare, the range stands
 
     best = yaml.safe_load((project / "sweep/best_params.yaml").read_text())
     assert set(best["params"]) == {"optim.lr", "optim.backbone_lr"}
