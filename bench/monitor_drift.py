@@ -119,7 +119,12 @@ def run(project: Path, windows: int, quick: bool) -> dict[str, Any]:
     detected = min(rates[n][str(s)]["alarm_rate"] for n in strong for s in (SIZES[:1] if quick else SIZES))
 
     def shown(name: str) -> str:
-        return ", ".join(f"{rates[name][str(s)]['alarm_rate']:.0%} at {s}" for s in (SIZES[:1] if quick else SIZES))
+        """Rates by window size; a set smaller than a size gives one window of all of it, said as such."""
+        n = rates[name]["images"]
+        parts = {}
+        for s in SIZES[:1] if quick else SIZES:
+            parts.setdefault(min(s, n), f"{rates[name][str(s)]['alarm_rate']:.0%} at {min(s, n)}")
+        return ", ".join(parts.values()) + (f" (all {n} images: one window)" if n < max(SIZES) else "")
 
     return result(
         name=NAME,

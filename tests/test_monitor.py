@@ -5,6 +5,7 @@ here (inverted, blurred, images that are no digit, one class only) against windo
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +21,9 @@ from cnnpipe.data.store import load_split
 from cnnpipe.errors import DataError
 from cnnpipe.models.predictor import ImagePredictor
 from cnnpipe.monitoring.drift import detect_drift
-from cnnpipe.monitoring.prediction_log import LOG_ENV, JsonlLog, open_log, records
+from cnnpipe.monitoring.prediction_log import LOG_ENV, JsonlLog, log_time, open_log, records
 from cnnpipe.monitoring.reference import REFERENCE, load_reference
-from cnnpipe.serving.monitor import reference_sample, window_sample
+from cnnpipe.serving.monitor import claim_folder, reference_sample, window_sample
 from cnnpipe.tracking.registry import load_pyfunc
 from tests.helpers import stage_env
 
@@ -99,10 +100,22 @@ def test_the_log_records_what_was_served(served: tuple[Any, dict[str, list[dict[
     log.append([{**r, "model_run": "another-model"} for r in recs[50:80]])  # another model's records
     with (tmp_path / "log.jsonl").open("a") as fh:
         fh.write('{"time": "2026-')  # a writer killed mid-line
-    assert log.read(ref.info["model_run"], None, None) == recs[:50]
-    assert log.read(ref.info["model_run"], 10, None) == recs[40:50]
-    assert len(log.read(None, None, None)) == 80
-    assert log.read(ref.info["model_run"], None, "9999") == []
+    log.append(recs[80:82])  # the next writer's records stay whole
+    assert log.read(ref.info["model_run"], None, None) == recs[:50] + recs[80:82]
+    assert log.read(ref.info["model_run"], 10, None) == recs[42:50] + recs[80:82]
+    assert len(log.read(None, None, None)) == 82
+    assert log.read(ref.info["model_run"], None, "9999-01-01") == []
+    # a time with Z or an offset means the same instant as the log's UTC strings
+    first = recs[0]["time"]
+    assert log_time(first.replace("+00:00", "Z")) == first == log_time(first)
+    later = log_time("2999-01-01T01:00+01:00")
+    assert later == "2999-01-01T00:00:00.000+00:00"
+    with pytest.raises(DataError, match="ISO 8601"):
+        log_time("yesterday")
+    # records a monitor cannot use are left out and counted, never a crash
+    broken = [{**recs[0], "brightness": None}, {**recs[1], "width": "wide"}, {**recs[2], "class": "X"}]
+    sample, skipped = window_sample(recs[3:40] + broken, ref)
+    assert skipped == 3 and len(sample["brightness"]) == 37 and sample["embedding"].shape == (37, 8)
 
 
 def test_a_database_log_reads_back_what_a_file_does(
@@ -118,6 +131,13 @@ def test_a_database_log_reads_back_what_a_file_does(
         assert [r["class"] for r in back] == [r["class"] for r in recs[10:]]
         np.testing.assert_allclose([r["embedding"] for r in back], [r["embedding"] for r in recs[10:]])
         assert log.read(ref.info["model_run"], None, recs[0]["time"]) and not log.read("other", None, None)
+    # reading never creates: a database file or a table that is not there is one line
+    with pytest.raises(DataError, match="no such database file"):
+        open_log(f"sqlite:///{tmp_path / 'typo.db'}").read(None, None, None)
+    assert not (tmp_path / "typo.db").exists()
+    sqlite3.connect(tmp_path / "empty.db").execute("CREATE TABLE other (x)").connection.commit()
+    with pytest.raises(DataError, match="no table cnnpipe_predictions"):
+        open_log(f"sqlite:///{tmp_path / 'empty.db'}").read(None, None, None)
 
 
 def test_concurrent_writers_never_interleave_a_line(tmp_path: Path) -> None:
@@ -146,15 +166,26 @@ def test_a_model_without_a_reference_and_a_short_window_are_one_line(
         detect_drift(reference_sample(ref), window_sample(logged["inverted"][:12], ref)[0], 10)
 
 
+def test_two_monitors_at_once_never_share_a_report_folder(tmp_path: Path) -> None:
+    first, second = claim_folder(None, tmp_path), claim_folder(None, tmp_path)
+    assert first != second and first.is_dir() and second.is_dir() and first.parent == tmp_path / "monitor/reports"
+    with pytest.raises(DataError, match="exists"):
+        claim_folder(first, tmp_path)
+
+
 def monitor_cli(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "pipelines/monitor.py", *args], cwd=project, env=stage_env(), capture_output=True, text=True
     )
 
 
-def predict_cli(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def predict_cli(project: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "pipelines/predict.py", *args], cwd=project, env=stage_env(), capture_output=True, text=True
+        [sys.executable, "pipelines/predict.py", *args],
+        cwd=project,
+        env={**stage_env(), **(env or {})},
+        capture_output=True,
+        text=True,
     )
 
 
@@ -172,8 +203,9 @@ def test_predict_logs_then_monitor_flags_drift_with_exit_1(fresh_trained_project
     same = write_pngs(tmp_path / "same", test.images[:120])
     inverted = write_pngs(tmp_path / "inverted", 255 - test.images[120:220])
 
-    assert predict_cli(project, str(same), "--no-log").returncode == 0
-    assert not (project / "monitor").exists()  # --no-log: nothing
+    served_log = tmp_path / "served.jsonl"  # a server's setting in the shell does not make --no-log log
+    assert predict_cli(project, str(same), "--no-log", env={LOG_ENV: str(served_log)}).returncode == 0
+    assert not (project / "monitor").exists() and not served_log.exists()  # --no-log: nothing
     done = predict_cli(project, str(same))  # the champion, from the registry; the default log
     assert done.returncode == 0, done.stderr
     log = project / "monitor/predictions.jsonl"
@@ -193,12 +225,16 @@ def test_predict_logs_then_monitor_flags_drift_with_exit_1(fresh_trained_project
     assert "DRIFT: " in drift.stderr and "input" in drift.stderr
     reports = list((project / "monitor/reports").iterdir())
     assert len(reports) == 1 and "DRIFT" in (reports[0] / "report.md").read_text()
+    every = monitor_cli(project, "--since", "2000-01-01", "--out", str(tmp_path / "r3"))  # all since: no 500 cap
+    assert every.returncode == 1 and "220 prediction(s)" in every.stderr
 
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     train_run = json.loads((project / "models/run.json").read_text())["run_id"]
     experiment = client.get_run(train_run).info.experiment_id
     runs = client.search_runs([experiment], "tags.`cnnpipe.stage` = 'monitor'", order_by=["start_time ASC"])
-    assert [r.data.tags["cnnpipe.drift"] for r in runs] == ["no", "yes"]
+    assert [r.data.tags["cnnpipe.drift"] for r in runs] == ["no", "yes", "yes"]
+    assert runs[1].data.params["alpha"] == "0.01" and runs[1].data.params["last"] == "100"
+    assert runs[2].data.params["last"] == "None" and runs[2].data.params["since"].startswith("2000-01-01T00:00")
     assert all(r.info.status == "FINISHED" and r.data.tags["cnnpipe.model_run"] == train_run for r in runs)
     assert runs[1].data.metrics["drift/any"] == 1.0 and runs[1].data.metrics["drift/input"] == 1.0
     artifacts = {a.path for a in client.list_artifacts(runs[1].info.run_id, "monitor")}
@@ -264,3 +300,17 @@ def test_the_http_server_logs_when_configured(trained_project: Path, tmp_path: P
     run = json.loads((trained_project / "models/run.json").read_text())["run_id"]
     assert {r["model_run"] for r in recs} == {run} and {r["model_version"] for r in recs} == {"1"}
     assert all(r["image"] is None and len(r["embedding"]) == 8 for r in recs)  # never the images unless asked
+
+
+def test_requests_answered_at_once_keep_their_own_embeddings(trained_project: Path) -> None:
+    """The scoring server answers requests in threads on one network: each must log its own images' embeddings."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    predictor = ImagePredictor.from_folder(trained_project / "models")
+    test = load_split(trained_project / "data/prepared/test.npz")
+    batches = [test.images[i : i + 40] for i in range(0, 320, 40)] * 3
+    alone = [predictor.observe(b)[1].embedding for b in batches]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        together = list(pool.map(lambda b: predictor.observe(b)[1].embedding, batches))
+    for a, b in zip(alone, together, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)

@@ -5,6 +5,7 @@ answer through it, so it sits below both."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from cnnpipe.data.inputs import to_batch
 from cnnpipe.models.store import load_model
-from cnnpipe.monitoring.features import Observed, classifier_layer, input_stats, project, tapped
+from cnnpipe.monitoring.features import Observed, Tap, classifier_layer, input_stats, project
 from cnnpipe.monitoring.reference import REFERENCE, Reference, load_reference
 
 PROB_PREFIX = "prob_"  # per-class probability columns: prob_<class name>
@@ -36,6 +37,8 @@ class ImagePredictor:
         self.device = torch.device(device)  # the CPU to serve; the training device for the reference at training
         self.net, self.spec, self.batch_size = net.to(self.device).eval(), spec, batch_size
         self.reference = reference  # the training reference, when the model folder has one (models since #14)
+        self._taps: dict[str, Tap] = {}  # layer -> its hook, made on first use
+        self._taps_lock = threading.Lock()
         self.classes = [str(c) for c in spec["classes"]]
         self.in_shape = [int(d) for d in spec["in_shape"]]  # as prepare stored images; the net crops its input
         self.interpolation = str(spec.get("interpolation", "bilinear"))
@@ -71,9 +74,16 @@ class ImagePredictor:
 
     def embedded(self, images: np.ndarray, layer: str) -> tuple[np.ndarray, np.ndarray]:
         """Softmax and the penultimate embedding (N, D) of uint8 (N, C, H, W) images, from the same forward pass."""
-        with tapped(self.net, layer) as seen:
+        with self._taps_lock:
+            if layer not in self._taps:
+                self._taps[layer] = Tap(self.net, layer)
+            tap = self._taps[layer]
+        with tap.capture() as seen:
             probs = self.probabilities(images)
-        return probs, torch.cat(seen).numpy()
+        embeddings = torch.cat(seen).numpy() if seen else np.zeros((0, 0), dtype=np.float32)
+        if len(embeddings) != len(images):  # never pair one image's numbers with another's
+            raise RuntimeError(f"{layer}: {len(embeddings)} embeddings for {len(images)} images")
+        return probs, embeddings
 
     def observe(self, model_input: Any) -> tuple[pd.DataFrame, Observed]:
         """`predict`'s frame, and what the prediction log keeps of each image (`Observed`)."""

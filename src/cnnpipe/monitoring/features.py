@@ -6,6 +6,7 @@ image (the prediction log), so the two are comparable by construction."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,19 +56,28 @@ def classifier_layer(net: nn.Module, example: torch.Tensor, n_classes: int) -> s
     return heads[-1] if heads else None
 
 
-@contextmanager
-def tapped(net: nn.Module, layer: str) -> Iterator[list[torch.Tensor]]:
-    """While open, every forward pass appends the input of `layer` (flattened to (N, D), float32, on the CPU) to the
-    list it yields; one hook, removed on exit, so predictions without monitoring pay nothing."""
-    seen: list[torch.Tensor] = []
-    module = net.get_submodule(layer)
-    handle = module.register_forward_hook(
-        lambda m, inputs, out: seen.append(inputs[0].detach().flatten(1).float().cpu())
-    )
-    try:
-        yield seen
-    finally:
-        handle.remove()
+class Tap:
+    """A forward hook on `layer` that keeps the layer's input (flattened to (N, D), float32, on the CPU) only for
+    the thread inside `capture()`. The MLflow scoring server answers requests in threads on one shared network: a
+    hook that kept every pass would give one request's embeddings to another. Installed once; outside `capture()`
+    it costs one attribute lookup a forward pass."""
+
+    def __init__(self, net: nn.Module, layer: str) -> None:
+        self._local = threading.local()
+        net.get_submodule(layer).register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        sink = getattr(self._local, "sink", None)
+        if sink is not None:
+            sink.append(inputs[0].detach().flatten(1).float().cpu())
+
+    @contextmanager
+    def capture(self) -> Iterator[list[torch.Tensor]]:
+        self._local.sink = []
+        try:
+            yield self._local.sink
+        finally:
+            self._local.sink = None
 
 
 def principal_axes(embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

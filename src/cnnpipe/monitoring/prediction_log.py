@@ -17,6 +17,7 @@ import json
 import os
 from collections import deque
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +28,7 @@ from PIL import Image
 
 from cnnpipe.errors import DataError
 from cnnpipe.monitoring.features import Observed
+from cnnpipe.redact import mask_secrets
 
 LOG_ENV = "CNNPIPE_PREDICTION_LOG"  # where the pyfunc model (and `mlflow models serve`) logs; unset: no log
 IMAGES_ENV = "CNNPIPE_PREDICTION_LOG_IMAGES"  # a folder to keep each image in (as the network saw it); unset: none
@@ -56,8 +58,31 @@ class PredictionLog(Protocol):
     def read(self, model_run: str | None, last: int | None, since: str | None) -> list[dict[str, Any]]: ...
 
 
+@contextmanager
+def logging_off() -> Iterator[None]:
+    """Models loaded inside log nothing: `CNNPIPE_PREDICTION_LOG` (and its images folder) unset meanwhile. For
+    loads that are not serving: predict.py (which logs in its own process, or not at all with --no-log) and
+    MLflow's check of a model as it is logged (it predicts the input example)."""
+    saved = {key: os.environ.pop(key) for key in (LOG_ENV, IMAGES_ENV) if key in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def log_time(text: str) -> str:
+    """An ISO 8601 time (UTC unless it says otherwise; `Z` accepted) as the log writes times: UTC, milliseconds,
+    `+00:00`, so that comparing the strings compares the times."""
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise DataError(f"not an ISO 8601 time: {text!r} (e.g. 2026-12-07T09:00)") from None
+    when = when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+    return when.isoformat(timespec="milliseconds")
 
 
 def records(
@@ -128,9 +153,12 @@ class JsonlLog:
             return
         data = "".join(json.dumps(r, separators=(",", ":"), allow_nan=False) + "\n" for r in records).encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            end = os.lseek(fd, 0, os.SEEK_END)
+            if end and os.pread(fd, 1, end - 1) != b"\n":  # a writer died mid-line: end it, keep ours whole
+                data = b"\n" + data
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
@@ -142,13 +170,17 @@ class JsonlLog:
         A line that is not a whole record (a writer killed mid-write) is skipped."""
         if not self.path.is_file():
             raise DataError(f"{self.path}: no prediction log (log with predict.py, or serve with {LOG_ENV} set)")
+        since = None if since is None else log_time(since)
         kept: deque[dict[str, Any]] = deque(maxlen=last)
-        for record in self._lines():
-            if model_run is not None and record.get("model_run") != model_run:
-                continue
-            if since is not None and str(record.get("time", "")) < since:
-                continue
-            kept.append(record)
+        try:
+            for record in self._lines():
+                if model_run is not None and record.get("model_run") != model_run:
+                    continue
+                if since is not None and str(record.get("time", "")) < since:
+                    continue
+                kept.append(record)
+        except OSError as exc:
+            raise DataError(f"{self.path}: cannot read the prediction log ({exc.strerror or exc})") from None
         return list(kept)
 
     def _lines(self) -> Iterator[dict[str, Any]]:
@@ -167,8 +199,6 @@ class SqlLog:
 
     def __init__(self, url: str) -> None:
         import sqlalchemy as sa
-
-        from cnnpipe.redact import mask_secrets
 
         self.where = mask_secrets(url)
         try:
@@ -216,9 +246,22 @@ class SqlLog:
             conn.execute(self.table.insert(), rows)
 
     def read(self, model_run: str | None, last: int | None, since: str | None) -> list[dict[str, Any]]:
+        """As `JsonlLog.read`. Reading never creates: a database or table that is not there is one line."""
         import sqlalchemy as sa
 
-        self._ensure()
+        url = self.engine.url
+        if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).is_file():
+            raise DataError(f"prediction log {self.where}: no such database file")
+        try:
+            if not sa.inspect(self.engine).has_table(TABLE):
+                raise DataError(f"prediction log {self.where}: no table {TABLE} (nothing was logged there yet)")
+            return self._select(model_run, last, None if since is None else log_time(since))
+        except sa.exc.SQLAlchemyError as exc:
+            raise DataError(f"prediction log {self.where}: {mask_secrets(str(exc).splitlines()[0])}") from None
+
+    def _select(self, model_run: str | None, last: int | None, since: str | None) -> list[dict[str, Any]]:
+        import sqlalchemy as sa
+
         query = sa.select(self.table).order_by(self.table.c.id.desc())
         if model_run is not None:
             query = query.where(self.table.c.model_run == model_run)
@@ -255,6 +298,6 @@ class PredictionLogger:
         try:
             self.log.append(records(frame, seen, self.model_run, self.model_version, self.images_dir))
         except (OSError, DataError, sa.exc.SQLAlchemyError, ValueError) as exc:
-            text = str(exc).strip()
+            text = mask_secrets(str(exc)).strip()
             return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
         return None

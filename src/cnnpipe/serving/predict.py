@@ -29,7 +29,7 @@ from cnnpipe.data.inputs import PixelLimits
 from cnnpipe.errors import DataError
 from cnnpipe.models.predictor import ImagePredictor
 from cnnpipe.monitoring.features import Observed
-from cnnpipe.monitoring.prediction_log import PredictionLogger, open_log
+from cnnpipe.monitoring.prediction_log import PredictionLogger, logging_off, open_log
 from cnnpipe.redact import mask_secrets
 
 COLUMNS = ("file", "class", "probability", "error")
@@ -101,7 +101,8 @@ def load_predict_fn(
         raise DataError(f"{source}: not a models folder, a run id or a models:/ or runs:/ URI")
     if cfg is None or root is None:
         raise DataError(f"{source}: loading from MLflow needs a cnnpipe project (params.yaml) for the tracking URI")
-    model = load_pyfunc(source, cfg.tracking.uri, root)
+    with logging_off():  # this process logs (below) or, with --no-log, nothing, whatever the environment says
+        model = load_pyfunc(source, cfg.tracking.uri, root)
     if log:  # the model's own predictor, observed in this process: logged models of any cnnpipe version log
         from cnnpipe.tracking.pyfunc_model import ImageClassifierModel
         from cnnpipe.tracking.registry import model_version

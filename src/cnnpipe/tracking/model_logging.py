@@ -15,6 +15,7 @@ import numpy as np
 
 import cnnpipe
 from cnnpipe.models.store import SPEC, WEIGHTS
+from cnnpipe.monitoring.prediction_log import logging_off
 from cnnpipe.monitoring.reference import REFERENCE
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ def log_image_model(models_dir: Path, example: np.ndarray, name: str = "model") 
         for file in (WEIGHTS, SPEC, REFERENCE):
             if file != REFERENCE or (models_dir / file).is_file():  # the reference: models since the monitor
                 shutil.copy2(models_dir / file, folder / file)
-        with _quiet_mlflow():
+        with _quiet_mlflow(), logging_off():  # MLflow predicts the example: not a served prediction
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=str(ENTRY),
