@@ -23,7 +23,7 @@ from cnnpipe.models.predictor import ImagePredictor
 from cnnpipe.monitoring.drift import detect_drift
 from cnnpipe.monitoring.prediction_log import LOG_ENV, JsonlLog, log_time, open_log, records
 from cnnpipe.monitoring.reference import REFERENCE, load_reference
-from cnnpipe.serving.monitor import claim_folder, reference_sample, window_sample
+from cnnpipe.serving.monitor import claim_folder, reference_sample, run_monitor, window_sample
 from cnnpipe.tracking.registry import load_pyfunc
 from tests.helpers import stage_env
 
@@ -220,40 +220,38 @@ def test_predict_logs_then_monitor_flags_drift_with_exit_1(fresh_trained_project
     kept = tmp_path / "kept"
     assert predict_cli(project, str(inverted), "--model", "models", "--log-images", str(kept)).returncode == 0
     assert len(list(kept.glob("*.png"))) == 100
-    drift = monitor_cli(project, "--last", "100")
+    drift = monitor_cli(project, "--since", "2000-01-01")  # --since alone: every record since, no 500 cap
     assert drift.returncode == 1, drift.stderr
-    assert "DRIFT: " in drift.stderr and "input" in drift.stderr
+    assert "DRIFT: " in drift.stderr and "input" in drift.stderr and "220 prediction(s)" in drift.stderr
     reports = list((project / "monitor/reports").iterdir())
     assert len(reports) == 1 and "DRIFT" in (reports[0] / "report.md").read_text()
-    every = monitor_cli(project, "--since", "2000-01-01", "--out", str(tmp_path / "r3"))  # all since: no 500 cap
-    assert every.returncode == 1 and "220 prediction(s)" in every.stderr
 
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     train_run = json.loads((project / "models/run.json").read_text())["run_id"]
     experiment = client.get_run(train_run).info.experiment_id
     runs = client.search_runs([experiment], "tags.`cnnpipe.stage` = 'monitor'", order_by=["start_time ASC"])
-    assert [r.data.tags["cnnpipe.drift"] for r in runs] == ["no", "yes", "yes"]
-    assert runs[1].data.params["alpha"] == "0.01" and runs[1].data.params["last"] == "100"
-    assert runs[2].data.params["last"] == "None" and runs[2].data.params["since"].startswith("2000-01-01T00:00")
+    assert [r.data.tags["cnnpipe.drift"] for r in runs] == ["no", "yes"]
+    assert runs[0].data.params["alpha"] == "0.01" and runs[0].data.params["last"] == "500"
+    assert runs[1].data.params["last"] == "None" and runs[1].data.params["since"].startswith("2000-01-01T00:00")
     assert all(r.info.status == "FINISHED" and r.data.tags["cnnpipe.model_run"] == train_run for r in runs)
     assert runs[1].data.metrics["drift/any"] == 1.0 and runs[1].data.metrics["drift/input"] == 1.0
     artifacts = {a.path for a in client.list_artifacts(runs[1].info.run_id, "monitor")}
     assert "monitor/report.md" in artifacts
 
 
-@pytest.mark.slow
-def test_monitor_refuses_in_one_line(fresh_trained_project: Path, tmp_path: Path) -> None:
-    project = fresh_trained_project
-    missing = monitor_cli(project)
+def test_monitor_refuses_in_one_line_and_writes_nothing(trained_project: Path, tmp_path: Path) -> None:
+    missing = monitor_cli(trained_project, "--log", str(tmp_path / "nope.jsonl"))
     assert missing.returncode == 2 and "no prediction log" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
     (tmp_path / "log.jsonl").write_text("")
-    short = monitor_cli(project, "--log", str(tmp_path / "log.jsonl"))
-    assert short.returncode == 2 and "needs at least 30" in short.stderr
-    bad = monitor_cli(project, "--since", "yesterday")
-    assert bad.returncode == 2 and "--since" in bad.stderr
-    exists = monitor_cli(project, "--out", str(tmp_path))
-    assert exists.returncode == 2 and "exists" in exists.stderr
+    with pytest.raises(DataError, match="needs at least 30"):
+        run_monitor(None, str(tmp_path / "log.jsonl"), trained_project)
+    with pytest.raises(DataError, match="exists"):
+        run_monitor(None, str(tmp_path / "log.jsonl"), trained_project, out=tmp_path)
+    with pytest.raises(DataError, match="ISO 8601"):
+        run_monitor(None, str(tmp_path / "log.jsonl"), trained_project, since="yesterday")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
+    assert not (trained_project / "monitor/reports").exists()
 
 
 def test_a_loaded_model_logs_only_when_the_environment_says_where(
