@@ -354,21 +354,17 @@ def _shown(path: Path) -> str:
 def resolve_source(reference: str, cfg: Config | None, root: Path | None, scratch: Path) -> ModelSource:
     """The model `reference` names (as predict.py takes them), its weights downloaded into `scratch` when it is
     an MLflow reference."""
-    from cnnpipe.serving.predict import is_model_uri
+    from cnnpipe.serving.predict import mlflow_project, models_folder
 
-    folder = Path(reference).expanduser()
-    if not is_model_uri(reference) and folder.is_dir():
+    folder = models_folder(reference)
+    if folder is not None:
         net, spec, run = load_published(folder)
         run_id = run.get("run_id") if run else None
         return ModelSource(net, spec, reference, str(run_id) if run_id else None, local=True)
     from cnnpipe.models.store import load_model
     from cnnpipe.tracking.model_files import download_model_files
-    from cnnpipe.tracking.registry import RUN_ID
 
-    if not (is_model_uri(reference) or RUN_ID.match(reference)):
-        raise DataError(f"{reference}: not a models folder, a run id or a models:/ or runs:/ URI")
-    if cfg is None or root is None:
-        raise DataError(f"{reference}: loading from MLflow needs a cnnpipe project (params.yaml) for the tracking URI")
+    cfg, root = mlflow_project(reference, cfg, root)
     files = download_model_files(reference, cfg.tracking.uri, root, scratch)
     net, spec = load_model(files.folder)
     return ModelSource(net, spec, reference, files.run_id, files.model_id, files.name, files.version)

@@ -44,18 +44,14 @@ class MonitorReport:
 
 def model_reference(source: str, cfg: Config | None, root: Path | None, scratch: Path) -> tuple[Reference, str]:
     """The training reference of the model `source` names (as predict.py takes them), and where it came from."""
-    from cnnpipe.serving.predict import is_model_uri
+    from cnnpipe.serving.predict import mlflow_project, models_folder
 
-    folder = Path(source).expanduser()
-    if not is_model_uri(source) and folder.is_dir():
+    folder = models_folder(source)
+    if folder is not None:
         return load_reference(folder / REFERENCE), str(folder / REFERENCE)
     from cnnpipe.tracking.model_files import download_model_files
-    from cnnpipe.tracking.registry import RUN_ID
 
-    if not (is_model_uri(source) or RUN_ID.match(source)):
-        raise DataError(f"{source}: not a models folder, a run id or a models:/ or runs:/ URI")
-    if cfg is None or root is None:
-        raise DataError(f"{source}: loading from MLflow needs a cnnpipe project (params.yaml) for the tracking URI")
+    cfg, root = mlflow_project(source, cfg, root)
     files = download_model_files(source, cfg.tracking.uri, root, scratch)
     path = files.folder / REFERENCE
     if not path.is_file():
@@ -155,7 +151,8 @@ def run_monitor(
             f"{prediction_log.where}: {size} usable prediction(s) of model run {model_run} ({chosen} records); "
             f"the monitor needs at least {MIN_WINDOW}"
         )
-    result = detect_drift(reference_sample(ref), window, len(ref.classes), alpha=alpha, class_names=ref.classes)
+    reference = reference_sample(ref)
+    result = detect_drift(reference, window, len(ref.classes), alpha=alpha, class_names=ref.classes)
     heading = [
         f"Model: {model} (train run {model_run})",
         f"Reference: {ref.info.get('images')} images of the {ref.info.get('source')} ({ref_origin})",
@@ -174,7 +171,7 @@ def run_monitor(
                 )
             staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
             stack.callback(shutil.rmtree, staging, ignore_errors=True)
-            write_report(staging, result, reference_sample(ref), window, ref.classes, heading)
+            write_report(staging, result, reference, window, ref.classes, heading)
             if run is not None:  # before the folder lands: a store that fails leaves no report without its run
                 _log_result(run, result, staging, size, prediction_log.where, span)
             os.replace(staging, target)  # onto the empty folder claimed above

@@ -81,26 +81,41 @@ def is_model_uri(source: str) -> bool:
     return source.startswith(("models:/", "runs:/"))
 
 
+def models_folder(source: str) -> Path | None:
+    """`source` as a local models folder (no MLflow involved), or None: it names an MLflow model, or nothing."""
+    folder = Path(source).expanduser()
+    return folder if not is_model_uri(source) and folder.is_dir() else None
+
+
+def mlflow_project(source: str, cfg: Config | None, root: Path | None) -> tuple[Config, Path]:
+    """The project's config and root, which loading `source` from MLflow needs (the tracking URI); refused in one
+    line when `source` is no MLflow reference (a models:/ or runs:/ URI, a run id) or there is no project."""
+    from cnnpipe.tracking.registry import RUN_ID
+
+    if not (is_model_uri(source) or RUN_ID.match(source)):
+        raise DataError(f"{source}: not a models folder, a run id or a models:/ or runs:/ URI")
+    if cfg is None or root is None:
+        raise DataError(f"{source}: loading from MLflow needs a cnnpipe project (params.yaml) for the tracking URI")
+    return cfg, root
+
+
 def load_predict_fn(
     source: str, cfg: Config | None, root: Path | None, log: str | None = None, log_images: Path | None = None
 ) -> PredictFn:
     """`source`: an MLflow model URI, a train run id, or a local models folder. `cfg` and `root` (the
     project) give the tracking URI; a local folder needs neither. `log`: append every answer to that prediction
     log (a file or a database URL, `monitoring.prediction_log`); `log_images`: keep the images there too."""
-    folder = Path(source).expanduser()
-    if not is_model_uri(source) and folder.is_dir():
+    folder = models_folder(source)
+    if folder is not None:
         predictor = ImagePredictor.from_folder(folder)
         if not log:
             return predictor.predict
         ref = predictor.reference
         logger = PredictionLogger(open_log(log), None if ref is None else ref.info.get("model_run"), None, log_images)
         return _logged(predictor.observe, logger)
-    from cnnpipe.tracking.registry import RUN_ID, load_pyfunc
+    from cnnpipe.tracking.registry import load_pyfunc
 
-    if not (is_model_uri(source) or RUN_ID.match(source)):
-        raise DataError(f"{source}: not a models folder, a run id or a models:/ or runs:/ URI")
-    if cfg is None or root is None:
-        raise DataError(f"{source}: loading from MLflow needs a cnnpipe project (params.yaml) for the tracking URI")
+    cfg, root = mlflow_project(source, cfg, root)
     with logging_off():  # this process logs (below) or, with --no-log, nothing, whatever the environment says
         model = load_pyfunc(source, cfg.tracking.uri, root)
     if log:  # the model's own predictor, observed in this process: logged models of any cnnpipe version log
@@ -238,7 +253,7 @@ def run_predict(
         where = str(out)  # as the user typed it
     if out.is_dir():
         raise DataError(f"{out}: is a folder; --out names the CSV file to write")
-    local = model is not None and not is_model_uri(model) and Path(model).expanduser().is_dir()
+    local = model is not None and models_folder(model) is not None
     cfg = None if local or root is None else load_config([], root=root)
     model = model_or_champion(model, cfg)
     predict = load_predict_fn(model, cfg, root, log, log_images)
