@@ -59,14 +59,10 @@ def source_sizes(meta: dict[str, Any]) -> tuple[list[int], list[int], bool]:
     """(size_min, size_max, per_image) of the training sources, [width, height]: from meta.json's checks for image
     folders; the stored size for bundled arrays, which arrive at that size (then `per_image`: every image has it)."""
     source = (meta.get("checks") or {}).get("source")
-    if source and source.get("kind") == "files":
+    if source:
         lo = [int(source["width"]["min"]), int(source["height"]["min"])]
         hi = [int(source["width"]["max"]), int(source["height"]["max"])]
-        return lo, hi, False
-    if source:  # bundled arrays with recorded sizes
-        lo = [int(source["width"]["min"]), int(source["height"]["min"])]
-        hi = [int(source["width"]["max"]), int(source["height"]["max"])]
-        return lo, hi, lo == hi
+        return lo, hi, source.get("kind") != "files" and lo == hi  # files: resized by prepare, sizes unknown
     height, width = (int(d) for d in meta["image_shape"][-2:])
     return [width, height], [width, height], True
 
